@@ -1,0 +1,1 @@
+"""Attention backends behind one interface, and (later) the attention executor role."""

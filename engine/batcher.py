@@ -1,0 +1,118 @@
+"""Continuous batching: decides, step by step, which sequences compute how many tokens.
+
+Running sequences go first (decodes and unfinished prompt chunks), then waiting prompts are
+admitted while the token budget, `max_num_seqs` and free KV blocks allow. When a running
+sequence cannot grow, the most recently admitted one is preempted and later recomputed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import BatchConfig
+from engine.kv_cache import BlockManager
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    # (sequence, number of new tokens it computes this step), prompt chunks (> 1 token) first.
+    entries: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.entries)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+
+class Batcher:
+    def __init__(self, config: BatchConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted below by an earlier sequence
+            if not self._make_room(seq, batch):
+                continue
+            num_new = self._chunk(seq.num_uncomputed_tokens, budget)
+            if num_new == 0:
+                break
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        if not batch.preempted:
+            budget = self._admit_waiting(scheduled, budget)
+        # Prompt chunks first, then single-token decodes: the attention metadata layout.
+        batch.entries = [e for e in scheduled if e[1] > 1] + [e for e in scheduled if e[1] == 1]
+        return batch
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        if remaining <= budget:
+            return remaining
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
+        """Ensures `seq` has blocks for all its tokens, preempting later sequences if needed."""
+        while not self.blocks.can_append(seq):
+            victim = self.running[-1]
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        self.blocks.append_slots(seq)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Recompute-style preemption: drop the KV, keep the tokens, re-prefill later.
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.blocks.allocate(seq)
+            num_new = self._chunk(seq.num_uncomputed_tokens, budget)
+            if num_new == 0:
+                self.blocks.free(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return budget
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

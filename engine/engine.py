@@ -1,0 +1,185 @@
+"""The engine loop of one worker: requests in, a step of batching + model + sampling, outputs out.
+
+Synchronous and single-threaded; the server and the offline `LLM` drive it by calling `step()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from engine.batcher import Batcher
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache import BlockManager
+from engine.model_source import resolve_model
+from engine.runner import ModelRunner
+from engine.sequence import FinishReason, InvalidRequestError, SamplingParams, Sequence
+from engine.tokenizer import Tokenizer, find_stop, partial_stop_len
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all output tokens so far
+    text: str  # all output text so far (stop strings cut off)
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.model_dir: Path | None = resolve_model(config.model)
+        self.model_config = ModelConfig.from_model_dir(self.model_dir)
+        config = self._fit_max_model_len(config)
+        self.config = config
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.runner = ModelRunner(config, self.model_config, self.model_dir)
+        if self.runner.num_blocks * config.cache.block_size < config.batch.max_model_len:
+            raise MemoryError(
+                f"the KV cache ({self.runner.num_blocks} blocks of {config.cache.block_size}) "
+                f"cannot hold one sequence of max_model_len={config.batch.max_model_len}; "
+                "lower --max-model-len or give the cache more memory"
+            )
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.batcher = Batcher(config.batch, self.block_manager)
+        self.requests: dict[str, Sequence] = {}
+        self._seed_source = random.Random(config.seed)
+
+    def _fit_max_model_len(self, config: EngineConfig) -> EngineConfig:
+        cfg = self.model_config
+        limit = cfg.max_position_embeddings
+        if cfg.sliding_window:
+            # Attention over a window is not implemented; within it, full attention is exact.
+            limit = min(limit, cfg.sliding_window)
+        if config.batch.max_model_len > limit:
+            log.info("max_model_len lowered from %d to %d", config.batch.max_model_len, limit)
+            return replace(config, batch=replace(config.batch, max_model_len=limit))
+        return config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.batch.max_model_len
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                f"{self.max_model_len} tokens, leaving no room to generate"
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        params.validate()
+        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        seq = Sequence(request_id, prompt_token_ids, params, generator=generator)
+        self.requests[request_id] = seq
+        self.batcher.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.batcher.finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.batcher.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.batcher.schedule()
+        if not batch:
+            return []
+        result = self.runner.execute(batch)
+        for seq, num_new in batch.entries:
+            seq.num_computed_tokens += num_new
+            self.block_manager.commit_computed_blocks(seq)
+        outputs = []
+        for seq, token, logprob in result.sampled:
+            seq.append_token(token, logprob)
+            self._check_finished(seq)
+            outputs.append(self._output(seq))
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+        return outputs
+
+    def _check_finished(self, seq: Sequence) -> None:
+        params = seq.params
+        token = seq.token_ids[-1]
+        previous_len = len(seq.text)
+        seq.text = self.tokenizer.decode(seq.output_token_ids)
+        reason = None
+        stop_at = find_stop(seq.text, params.stop, previous_len) if params.stop else -1
+        if stop_at != -1:
+            seq.text = seq.text[:stop_at]
+            reason = FinishReason.STOP
+        elif token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.model_config.eos_token_ids
+        ):
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.batcher.finish(seq, reason)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.is_finished
+        text = seq.text
+        visible = len(text)
+        if not finished:
+            # Hold back a partial UTF-8 character, and text that may be the start of a stop string.
+            visible -= 1 if text.endswith("\ufffd") else 0
+            visible -= partial_stop_len(text[:visible], seq.params.stop)
+        visible = max(visible, seq.text_sent)
+        new_text = text[seq.text_sent : visible]
+        seq.text_sent = visible
+        output_ids = seq.output_token_ids
+        new_ids = output_ids[seq.tokens_sent :]
+        seq.tokens_sent = len(output_ids)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=output_ids,
+            text=text,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            finished=finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+        )
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "block_size": bm.block_size,
+            "num_running": len(self.batcher.running),
+            "num_waiting": len(self.batcher.waiting),
+            "num_preemptions": self.batcher.num_preemptions,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prefix_cache_queries": bm.prefix_queries,
+        }

@@ -1,0 +1,146 @@
+"""Paged KV cache bookkeeping: hands out block ids, keeps an exact free count, caches prefixes.
+
+A full block whose KV is computed is registered under hash(parent hash, its token ids); a later
+prompt with the same prefix shares it (reference counted) instead of recomputing. A freed block
+keeps its hash until it is handed out again, so the cache survives its owner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sequence import Sequence
+
+
+class OutOfBlocksError(RuntimeError):
+    """Raised when a caller allocates without checking `can_allocate` / `can_append` first."""
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Insertion-ordered: least recently freed first, so cached prefixes live longest.
+        self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_hits = 0
+        self.prefix_queries = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    # Prompt admission -------------------------------------------------------------------
+
+    def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(hash, block id) of the leading full blocks already computed by earlier requests."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[tuple[int, int]] = []
+        parent = None
+        # At least one token must be left to compute, to produce the next token's logits.
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for i in range(max_blocks):
+            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(parent, tokens)
+            block_id = self.hash_to_block.get(h)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append((h, block_id))
+            parent = h
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cached_prefix(seq)
+        revived = sum(1 for _, b in hits if self.blocks[b].ref_count == 0)
+        fresh = self.blocks_needed(seq.num_tokens) - len(hits)
+        return fresh + revived <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Gives a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table, f"{seq.request_id} already holds blocks"
+        if not self.can_allocate(seq):
+            raise OutOfBlocksError(f"not enough free KV blocks for {seq.request_id}")
+        hits = self._cached_prefix(seq)
+        self.prefix_queries += self.blocks_needed(seq.num_tokens)
+        self.prefix_hits += len(hits)
+        for h, block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_block_ids[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(h)
+        for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
+            seq.block_table.append(self._take_free_block())
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_cached_prompt_tokens = seq.num_computed_tokens
+
+    def _take_free_block(self) -> int:
+        block_id = next(iter(self.free_block_ids))
+        del self.free_block_ids[block_id]
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash, block.token_ids, block.ref_count = None, (), 1
+        return block_id
+
+    # Decode growth ----------------------------------------------------------------------
+
+    def can_append(self, seq: Sequence) -> bool:
+        return self.blocks_needed(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence) -> None:
+        """Makes room in the block table for every token of the sequence."""
+        missing = self.blocks_needed(seq.num_tokens) - len(seq.block_table)
+        if missing > self.num_free_blocks:
+            raise OutOfBlocksError(f"not enough free KV blocks to grow {seq.request_id}")
+        for _ in range(missing):
+            seq.block_table.append(self._take_free_block())
+
+    def commit_computed_blocks(self, seq: Sequence) -> None:
+        """Registers the sequence's newly completed full blocks for prefix reuse."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        for i in range(len(seq.block_hashes), num_full):
+            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = block_hash(parent, tokens)
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and h not in self.hash_to_block:
+                block.hash, block.token_ids = h, tokens
+                self.hash_to_block[h] = block.block_id
+            seq.block_hashes.append(h)
+            parent = h
+
+    # Release ----------------------------------------------------------------------------
+
+    def free(self, seq: Sequence) -> None:
+        # Freed in reverse so a sequence's tail is reused before its (more shareable) prefix.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_block_ids[block_id] = None
+        seq.block_table.clear()
+        seq.block_hashes.clear()
+        seq.num_computed_tokens = 0

@@ -1,0 +1,95 @@
+"""Text in and out: a `tokenizers` tokenizer.json, the model's chat template (Jinja, sandboxed),
+and the stop-string check over detokenized output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from engine.sequence import InvalidRequestError
+
+# Used when a model ships no chat template: the ChatML layout most small instruct models use.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class TokenizerError(RuntimeError):
+    pass
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, model_dir: Path) -> None:
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"{model_dir} has no tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(path))
+        config_path = model_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.chat_template: str = config.get("chat_template") or CHATML_TEMPLATE
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        self._template = env.from_string(self.chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise InvalidRequestError(f"chat template rejected the messages: {exc}") from exc
+
+
+def _token_text(token: str | dict | None) -> str | None:
+    if isinstance(token, dict):
+        return token.get("content")
+    return token
+
+
+def find_stop(text: str, stops: list[str], search_from: int) -> int:
+    """Index where the earliest stop string starts at or after `search_from`, or -1."""
+    best = -1
+    for stop in stops:
+        # A stop string may straddle the previous text and the new piece.
+        idx = text.find(stop, max(0, search_from - len(stop) + 1))
+        if idx != -1 and (best == -1 or idx < best):
+            best = idx
+    return best
+
+
+def partial_stop_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        tail = text[-k:]
+        if any(stop.startswith(tail) for stop in stops):
+            return k
+    return 0

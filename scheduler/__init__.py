@@ -1,0 +1,1 @@
+"""Decisions only: placement and offload policy over plain data."""

@@ -1,0 +1,1 @@
+"""HTTP router, command line and per-role entry points."""

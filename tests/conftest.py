@@ -1,0 +1,28 @@
+"""Shared fixtures: one model cache for the whole test session, and the built-in SmolLM2 in it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+DEFAULT_TEST_CACHE = "/tmp/adrenaline-test-cache"
+
+
+@pytest.fixture(scope="session")
+def adrenaline_cache() -> Iterator[Path]:
+    """`$ADRENALINE_CACHE` if set, else a fixed /tmp dir, exported so child processes share it."""
+    cache = Path(os.environ.get("ADRENALINE_CACHE", DEFAULT_TEST_CACHE))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADRENALINE_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(adrenaline_cache: Path) -> Path:
+    """SmolLM2-135M-Instruct as an HF directory, converted once per cache."""
+    from engine.model_source import resolve_model
+
+    return resolve_model("smollm2", adrenaline_cache)

@@ -1,0 +1,1 @@
+"""How bytes and messages move between processes: control plane and KV data plane."""
