@@ -76,7 +76,11 @@ class AttentionBackend(ABC):
 
     def decode_with(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         return self.decode(
-            q, k_cache, v_cache, meta.decode_seq_lens, meta.decode_block_tables,
+            q,
+            k_cache,
+            v_cache,
+            meta.decode_seq_lens,
+            meta.decode_block_tables,
             meta.decode_max_seq_len,
         )
 

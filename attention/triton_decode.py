@@ -232,7 +232,8 @@ def paged_decode_attention(
 
     group = num_heads // num_kv_heads
     block_d = max(_next_pow2(head_dim), _MIN_DOT_DIM)
-    block_n = 64 if block_d <= 128 else 32
+    # Key tiles of at most 16 KiB keep two pipelined k, v stages well inside shared memory.
+    block_n = max(_MIN_DOT_DIM, min(64, 16384 // (block_d * q.element_size())))
     num_splits, split_len = split_plan(
         batch, num_kv_heads, max_seq_len, block_n, _sm_count(q.device.index or 0)
     )

@@ -52,9 +52,7 @@ def materialize_tiny(cache_dir: Path) -> Path:
 
 def _write_tiny(out: Path, hf_config: dict) -> None:
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 1, "eos_token_id": 2})
-    )
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     tokenizer = _train_tokenizer(hf_config["vocab_size"])
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(

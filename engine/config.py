@@ -71,6 +71,7 @@ class ModelConfig:
         hidden = cfg["hidden_size"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        rope = cfg.get("rope_parameters") or {}  # transformers >= 5 nests theta and scaling here
         return cls(
             architecture=SUPPORTED_ARCHITECTURES[arch],
             vocab_size=cfg["vocab_size"],
@@ -81,13 +82,15 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=cfg.get("head_dim") or hidden // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always carries q/k/v biases; Llama may via attention_bias.
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            rope_scaling=cfg.get("rope_scaling"),
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+            rope_scaling=cfg.get("rope_scaling") or rope or None,
+            sliding_window=cfg.get("sliding_window")
+            if cfg.get("use_sliding_window", True)
+            else None,
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
         )
@@ -97,7 +100,9 @@ class ModelConfig:
         model_dir = Path(model_dir)
         path = model_dir / "config.json"
         if not path.is_file():
-            raise ConfigError(f"{model_dir} has no config.json; is it a Hugging Face model directory?")
+            raise ConfigError(
+                f"{model_dir} has no config.json; is it a Hugging Face model directory?"
+            )
         cfg = cls.from_hf_dict(json.loads(path.read_text()))
         gen_path = model_dir / "generation_config.json"
         if gen_path.is_file():

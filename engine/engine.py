@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.batcher import Batcher
-from engine.config import EngineConfig, ModelConfig
+from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.kv_cache import BlockManager
 from engine.model_source import resolve_model
 from engine.runner import ModelRunner
@@ -47,10 +47,10 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.model_dir)
         self.runner = ModelRunner(config, self.model_config, self.model_dir)
         if self.runner.num_blocks * config.cache.block_size < config.batch.max_model_len:
-            raise MemoryError(
+            raise ConfigError(
                 f"the KV cache ({self.runner.num_blocks} blocks of {config.cache.block_size}) "
                 f"cannot hold one sequence of max_model_len={config.batch.max_model_len}; "
-                "lower --max-model-len or give the cache more memory"
+                "lower --max-model-len or raise --num-kv-blocks"
             )
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching

@@ -49,6 +49,7 @@ LLAMA3_SPLIT = (
 )
 LLAMA3_PRE_TOKENIZERS = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")
 
+TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
 
@@ -133,7 +134,9 @@ def build_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]
         "num_hidden_layers": int(key("block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(key("attention.head_count_kv", num_heads)),
-        "head_dim": int(key("attention.key_length", key("rope.dimension_count", hidden_size // num_heads))),
+        "head_dim": int(
+            key("attention.key_length", key("rope.dimension_count", hidden_size // num_heads))
+        ),
         "rms_norm_eps": float32_value(key("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float32_value(key("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(key("context_length", 2048)),
@@ -168,7 +171,9 @@ def dequantize(tensor: Any) -> np.ndarray:
     try:
         weights = gguf.quants.dequantize(tensor.data, qtype)
     except NotImplementedError as exc:
-        raise GGUFImportError(f"tensor {tensor.name!r}: quant type {qtype.name} is not supported") from exc
+        raise GGUFImportError(
+            f"tensor {tensor.name!r}: quant type {qtype.name} is not supported"
+        ) from exc
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     return np.ascontiguousarray(weights.reshape(shape), dtype=np.float32)
 
@@ -246,10 +251,10 @@ def pre_tokenizer(pre_type: str | None) -> pre_tokenizers.PreTokenizer:
 def added_tokens(meta: dict[str, Any]) -> list[AddedToken]:
     """Control tokens (special) and user-defined tokens, which must never be split by BPE."""
     tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or []
+    types = meta.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
     alphabet = set(bytes_to_unicode().values())
     added = []
-    for token, token_type in zip(tokens, types):
+    for token, token_type in zip(tokens, types, strict=True):
         if token_type == TOKEN_TYPE_CONTROL and set(token) <= alphabet:
             added.append(AddedToken(token, normalized=False, special=True))
         elif token_type == TOKEN_TYPE_USER_DEFINED:
@@ -330,6 +335,8 @@ def write_hf_dir(
     write_json(path / "tokenizer_config.json", tokenizer_config(meta, config))
     tokenizer.save(str(path / "tokenizer.json"))
     save_file(state_dict, str(path / "model.safetensors"), metadata={"format": "pt"})
+    for file in path.iterdir():
+        file.chmod(0o644)  # safetensors writes 0600; a shared cache must be readable by all
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -340,10 +347,12 @@ def publish(tmp: Path, out_dir: Path) -> None:
     """Move the finished directory into place; a concurrent winner's complete copy is kept."""
     if (out_dir / "config.json").is_file():
         return
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # a leftover without config.json is not a finished conversion
     try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if not (out_dir / "config.json").is_file():
-            raise
+        os.rename(tmp, out_dir)  # atomic; replaces out_dir only if it is an empty directory
+    except OSError as exc:
+        if (out_dir / "config.json").is_file():
+            return
+        raise GGUFImportError(
+            f"cannot write the converted model to {out_dir}: it exists and is not a converted "
+            "model directory; remove it and retry"
+        ) from exc

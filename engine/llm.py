@@ -10,9 +10,9 @@ from engine.sequence import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = "tiny", **kwargs) -> None:
+    def __init__(self, model: str = "tiny", config: EngineConfig | None = None, **kwargs) -> None:
         """Keyword arguments name `EngineConfig`, `CacheConfig` or `BatchConfig` fields."""
-        self.engine = LLMEngine(build_engine_config(model, **kwargs))
+        self.engine = LLMEngine(config or build_engine_config(model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 
@@ -23,7 +23,9 @@ class LLM:
     ) -> list[RequestOutput]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        params_list = (
+            params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        )
         ids = []
         for prompt, p in zip(prompts, params_list):
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -39,9 +41,7 @@ class LLM:
                     finished[out.request_id] = out
         return [finished[i] for i in ids]
 
-    def chat(
-        self, messages: list[dict], params: SamplingParams | None = None
-    ) -> RequestOutput:
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         return self.generate([token_ids], params)[0]

