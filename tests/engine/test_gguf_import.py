@@ -11,7 +11,8 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from engine.gguf_import import GGUFImportError, bytes_to_unicode, convert_gguf_to_hf
+from engine.gguf_import import GGUFImportError, convert_gguf_to_hf
+from engine.gguf_tokenizer import bytes_to_unicode
 from engine.model_source import ModelNotFoundError, resolve_model, smollm2_gguf
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 2, 8, 64, 2
