@@ -35,14 +35,19 @@ class Batcher:
         self.blocks = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Sequences whose KV arrived from a prefill worker; they hold blocks and only decode.
+        self.prefilled: deque[Sequence] = deque()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def add_prefilled(self, seq: Sequence) -> None:
+        self.prefilled.append(seq)
+
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilled)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -61,6 +66,7 @@ class Batcher:
             scheduled.append((seq, num_new))
             budget -= num_new
         if not batch.preempted:
+            budget = self._admit_prefilled(scheduled, budget)
             budget = self._admit_waiting(scheduled, budget)
         # Prompt chunks first, then single-token decodes: the attention metadata layout.
         batch.entries = [e for e in scheduled if e[1] > 1] + [e for e in scheduled if e[1] == 1]
@@ -91,9 +97,24 @@ class Batcher:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def _admit_prefilled(self, scheduled: list[tuple[Sequence, int]], budget: int) -> int:
+        while self.prefilled and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.prefilled[0]
+            if not self.blocks.can_append(seq):
+                break
+            self.blocks.append_slots(seq)
+            self.prefilled.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, seq.num_uncomputed_tokens))
+            budget -= seq.num_uncomputed_tokens
+        return budget
+
     def _admit_waiting(self, scheduled: list[tuple[Sequence, int]], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not self.config.enable_chunked_prefill and seq.num_tokens > budget:
+                break  # wait for a step with the whole budget free
             if not self.blocks.can_allocate(seq):
                 break
             self.blocks.allocate(seq)
@@ -108,11 +129,18 @@ class Batcher:
             budget -= num_new
         return budget
 
+    def hold(self, seq: Sequence) -> None:
+        """Takes a prefilled sequence out of the batch, keeping its blocks for a KV copy."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.HELD
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq in self.prefilled:
+            self.prefilled.remove(seq)
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

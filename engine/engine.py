@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from engine.batcher import Batcher
 from engine.config import ConfigError, EngineConfig, ModelConfig
-from engine.kv_cache import BlockManager
+from engine.kv_cache import BlockManager, OutOfBlocksError
 from engine.model_source import resolve_model
-from engine.runner import ModelRunner
-from engine.sequence import FinishReason, InvalidRequestError, SamplingParams, Sequence
+from engine.runner import KVPoolFactory, ModelRunner
+from engine.sequence import (
+    FinishReason,
+    InvalidRequestError,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+)
 from engine.tokenizer import Tokenizer, find_stop, partial_stop_len
 
 log = logging.getLogger(__name__)
@@ -35,22 +41,30 @@ class RequestOutput:
     finish_reason: str | None
     logprobs: list[float] | None = None
     num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)
+    # Set when prefill stopped after the first token to hand the request to a decode worker.
+    handoff: bool = False
+    generator_state: bytes | None = None
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, kv_pool_factory: KVPoolFactory | None = None) -> None:
         self.model_dir: Path | None = resolve_model(config.model)
         self.model_config = ModelConfig.from_model_dir(self.model_dir)
         config = self._fit_max_model_len(config)
         self.config = config
         self.tokenizer = Tokenizer(self.model_dir)
-        self.runner = ModelRunner(config, self.model_config, self.model_dir)
+        self.runner = ModelRunner(config, self.model_config, self.model_dir, kv_pool_factory)
         if self.runner.num_blocks * config.cache.block_size < config.batch.max_model_len:
             raise ConfigError(
                 f"the KV cache ({self.runner.num_blocks} blocks of {config.cache.block_size}) "
                 f"cannot hold one sequence of max_model_len={config.batch.max_model_len}; "
                 "lower --max-model-len or raise --num-kv-blocks"
+            )
+        batch = config.batch
+        if not batch.enable_chunked_prefill and batch.max_num_batched_tokens < batch.max_model_len:
+            raise ConfigError(
+                "without chunked prefill, --max-num-batched-tokens must be at least "
+                f"--max-model-len ({batch.max_model_len}) so that every prompt fits one step"
             )
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
@@ -75,8 +89,13 @@ class LLMEngine:
         return self.config.batch.max_model_len
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        handoff: bool = False,
     ) -> None:
+        """Queues a request; with `handoff`, it stops after its first token, keeping its KV."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
@@ -90,13 +109,17 @@ class LLMEngine:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         params.validate()
-        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=self.runner.device).manual_seed(seed)
-        seq = Sequence(request_id, prompt_token_ids, params, generator=generator)
+        seq = Sequence(
+            request_id, prompt_token_ids, params, generator=self._generator(params), handoff=handoff
+        )
         self.requests[request_id] = seq
         self.batcher.add(seq)
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+        return torch.Generator(device=self.runner.device).manual_seed(seed)
 
     def abort(self, request_id: str) -> bool:
         seq = self.requests.pop(request_id, None)
@@ -120,6 +143,8 @@ class LLMEngine:
         for seq, token, logprob in result.sampled:
             seq.append_token(token, logprob)
             self._check_finished(seq)
+            if seq.handoff and not seq.is_finished:
+                self.batcher.hold(seq)
             outputs.append(self._output(seq))
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
@@ -169,11 +194,66 @@ class LLMEngine:
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
             num_cached_tokens=seq.num_cached_prompt_tokens,
+            handoff=seq.status is SequenceStatus.HELD,
+            generator_state=_generator_state(seq.generator)
+            if seq.status is SequenceStatus.HELD
+            else None,
         )
+
+    # Disaggregation: the prefill side holds and releases, the decode side reserves and starts.
+
+    def held_block_table(self, request_id: str) -> list[int]:
+        seq = self.requests.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.HELD:
+            raise KeyError(f"request {request_id!r} holds no prefilled KV here")
+        return list(seq.block_table)
+
+    def release(self, request_id: str) -> None:
+        """Frees a held request's KV once a decode worker has its copy."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None:
+            self.batcher.finish(seq, FinishReason.STOP)
+
+    def reserve_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        first_logprob: float | None,
+        params: SamplingParams,
+        generator_state: bytes | None,
+        text_sent: int,
+    ) -> list[int]:
+        """Reserves fresh blocks for a request prefilled elsewhere; returns its block table."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_token_ids, params, generator=self._generator(params))
+        if generator_state is not None and seq.generator is not None:
+            seq.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+        seq.append_token(first_token, first_logprob)
+        seq.text = self.tokenizer.decode(seq.output_token_ids)
+        seq.text_sent = text_sent
+        seq.tokens_sent = 1
+        if not self.block_manager.can_allocate(seq, use_prefix_cache=False):
+            raise OutOfBlocksError(f"no free KV blocks for {request_id} on this decode worker")
+        self.block_manager.allocate(seq, use_prefix_cache=False)
+        seq.status = SequenceStatus.RESERVED
+        self.requests[request_id] = seq
+        return list(seq.block_table)
+
+    def start_prefilled(self, request_id: str) -> None:
+        """The reserved request's prompt KV has arrived: decode it from the next step on."""
+        seq = self.requests[request_id]
+        assert seq.status is SequenceStatus.RESERVED, seq.status
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.commit_computed_blocks(seq)
+        self.batcher.add_prefilled(seq)
 
     def stats(self) -> dict:
         bm = self.block_manager
         return {
+            "queued_tokens": sum(s.num_uncomputed_tokens for s in self.batcher.waiting)
+            + sum(s.num_uncomputed_tokens for s in self.batcher.running),
             "num_blocks": bm.num_blocks,
             "num_free_blocks": bm.num_free_blocks,
             "block_size": bm.block_size,
@@ -183,3 +263,7 @@ class LLMEngine:
             "prefix_cache_hits": bm.prefix_hits,
             "prefix_cache_queries": bm.prefix_queries,
         }
+
+
+def _generator_state(generator: torch.Generator | None) -> bytes | None:
+    return None if generator is None else generator.get_state().numpy().tobytes()

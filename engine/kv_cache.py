@@ -67,18 +67,22 @@ class BlockManager:
             parent = h
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._cached_prefix(seq)
+    def can_allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> bool:
+        hits = self._cached_prefix(seq) if use_prefix_cache else []
         revived = sum(1 for _, b in hits if self.blocks[b].ref_count == 0)
         fresh = self.blocks_needed(seq.num_tokens) - len(hits)
         return fresh + revived <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence) -> None:
-        """Gives a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence, use_prefix_cache: bool = True) -> None:
+        """Gives a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
+
+        Without `use_prefix_cache` every block is fresh: for KV about to be copied in from
+        another worker, which must not overwrite blocks other sequences share.
+        """
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
-        if not self.can_allocate(seq):
+        if not self.can_allocate(seq, use_prefix_cache):
             raise OutOfBlocksError(f"not enough free KV blocks for {seq.request_id}")
-        hits = self._cached_prefix(seq)
+        hits = self._cached_prefix(seq) if use_prefix_cache else []
         self.prefix_queries += self.blocks_needed(seq.num_tokens)
         self.prefix_hits += len(hits)
         for h, block_id in hits:

@@ -26,14 +26,19 @@ class LLM:
         params_list = (
             params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         )
-        ids = []
-        for prompt, p in zip(prompts, params_list):
-            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            request_id = f"offline-{self._counter}"
-            self._counter += 1
-            # Each request gets its own copy: params carry no state, but callers may reuse them.
-            self.engine.add_request(request_id, token_ids, replace(p))
-            ids.append(request_id)
+        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        ids: list[str] = []
+        try:
+            for token_ids, p in zip(encoded, params_list):
+                request_id = f"offline-{self._counter}"
+                self._counter += 1
+                # Each request gets its own copy: callers may reuse one params object.
+                self.engine.add_request(request_id, token_ids, replace(p))
+                ids.append(request_id)
+        except Exception:
+            for request_id in ids:  # a refused prompt refuses the whole batch
+                self.engine.abort(request_id)
+            raise
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

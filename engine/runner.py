@@ -5,6 +5,7 @@ turns a `ScheduledBatch` into flat input tensors and attention metadata, and sam
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,17 @@ def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int
     return per_token * block_size * torch.empty((), dtype=dtype).element_size()
 
 
+KVPoolFactory = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_dir: Path | None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        model_dir: Path | None,
+        kv_pool_factory: KVPoolFactory | None = None,
+    ):
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
@@ -57,16 +67,17 @@ class ModelRunner:
         )
         self.num_blocks = self._decide_num_blocks()
         # [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_pool = torch.zeros(
+        shape = (
             cfg.num_layers,
             2,
             self.num_blocks,
             self.block_size,
             cfg.num_kv_heads,
             cfg.head_dim,
-            dtype=self.dtype,
-            device=self.device,
         )
+        # A decode worker's pool is allocated by its data plane, where prefill workers reach it.
+        factory = kv_pool_factory or _zeros
+        self.kv_pool = factory(shape, self.dtype, self.device)
         log.info(
             "model loaded: %s, %s on %s, attention backend %s, %d KV blocks of %d tokens",
             cfg.architecture,
@@ -180,3 +191,7 @@ class ModelRunner:
         return torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(
             len(tables), width
         )
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)

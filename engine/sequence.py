@@ -52,6 +52,10 @@ class SamplingParams:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # Prefill done, KV kept for a decode worker to copy (prefill side of disaggregation).
+    HELD = "held"
+    # Blocks reserved, waiting for the prefill worker's KV to arrive (decode side).
+    RESERVED = "reserved"
     FINISHED = "finished"
 
 
@@ -76,6 +80,8 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     num_preemptions: int = 0
+    # Stop after the first token and hold the KV for a decode worker.
+    handoff: bool = False
     finish_reason: FinishReason | None = None
     # Detokenized output and how much of it has been reported to the caller.
     text: str = ""

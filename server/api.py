@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.engine import RequestOutput
 from engine.sequence import InvalidRequestError, SamplingParams
 from server.async_engine import AsyncEngine, EngineDeadError
+from server.http_errors import error_response, parse_body, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,6 @@ class GenerateRequest(BaseModel):
         )
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
-
-
 def output_json(out: RequestOutput, stream: bool) -> dict:
     body = {
         "text": out.new_text if stream else out.text,
@@ -83,30 +80,13 @@ def output_json(out: RequestOutput, stream: bool) -> dict:
     return body
 
 
-async def parse_body(request: Request, model: type[BaseModel]):
-    """Validates a JSON body whatever its content type (curl -d sends a form type)."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"malformed JSON body: {exc}") from exc
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from exc
-
-
 def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     app = FastAPI(title="Adrenaline", version="0.1.0")
     counter = itertools.count()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-            for e in exc.errors()
-        )
-        return error_response(400, details, "invalid_request_error")
+        return error_response(400, validation_message(exc.errors()), "invalid_request_error")
 
     @app.exception_handler(InvalidRequestError)
     async def _refused(_: Request, exc: InvalidRequestError) -> JSONResponse:

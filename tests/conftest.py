@@ -28,3 +28,23 @@ def smollm2_dir(adrenaline_cache: Path) -> Path:
     from engine.model_source import resolve_model
 
     return resolve_model("smollm2", adrenaline_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(adrenaline_cache: Path):
+    """transformers' own load of the SmolLM2 GGUF (float32, about 15 s): the reference to match.
+
+    Its generation config never stops at EOS, so greedy runs compare a fixed number of tokens.
+    """
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
+    from engine.model_source import smollm2_gguf
+
+    gguf_path = smollm2_gguf(adrenaline_cache)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model

@@ -1,0 +1,36 @@
+"""Which worker takes a request: the least-loaded live prefill worker by queued prompt tokens, and
+the decode worker with the most free KV blocks left after what it has already been promised.
+
+Pure functions over plain data; the router fills `WorkerLoad` from heartbeats and its own books.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    instance: str
+    alive: bool
+    queued_tokens: int  # prompt tokens sent to it and not yet prefilled (router's books)
+    num_running: int  # requests it is decoding (router's books)
+    num_free_blocks: int  # from its last heartbeat
+    pending_blocks: int = 0  # blocks promised to requests since that heartbeat
+
+
+def pick_prefill(workers: list[WorkerLoad]) -> str | None:
+    live = [w for w in workers if w.alive]
+    if not live:
+        return None
+    return min(live, key=lambda w: (w.queued_tokens, w.num_running, w.instance)).instance
+
+
+def pick_decode(workers: list[WorkerLoad], blocks_needed: int) -> str | None:
+    """None when no live decode worker has room for the request's KV right now."""
+    fits = [w for w in workers if w.alive and w.num_free_blocks - w.pending_blocks >= blocks_needed]
+    if not fits:
+        return None
+    return max(
+        fits, key=lambda w: (w.num_free_blocks - w.pending_blocks, -w.num_running, w.instance)
+    ).instance

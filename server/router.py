@@ -1,0 +1,393 @@
+"""The router's core: worker registry and liveness, admission, and each request's walk from a
+prefill worker through the KV hand-off to a decode worker (see transport/messages.py).
+
+Everything runs on the asyncio loop of the HTTP server: one ROUTER socket, one receive task,
+one housekeeping task. Callers see a request as an async iterator of `TokenOutput`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from engine.sequence import InvalidRequestError
+from engine.tokenizer import Tokenizer
+from scheduler.placement import WorkerLoad, pick_decode, pick_prefill
+from server.generation import Overloaded, Unavailable
+from transport.messages import (
+    Abort,
+    DecodeReserved,
+    KVSent,
+    Prefill,
+    Register,
+    RequestError,
+    ReserveDecode,
+    SamplingSpec,
+    SendKV,
+    Shutdown,
+    StartDecode,
+    TokenOutput,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerInfo:
+    instance: str
+    role: str
+    identity: bytes
+    registration: Register
+    last_seen: float
+    alive: bool = True
+
+    def as_json(self, now: float) -> dict:
+        return {
+            "role": self.role,
+            "alive": self.alive,
+            "pid": self.registration.pid,
+            "seconds_since_heartbeat": round(now - self.last_seen, 3),
+            **msgspec.structs.asdict(self.registration.stats),
+        }
+
+
+@dataclass
+class RouterRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    outputs: asyncio.Queue
+    prefill: str
+    phase: str = "prefill"  # prefill -> reserving -> transferring -> decoding -> done
+    decode: str | None = None
+    first: TokenOutput | None = None
+    transfer_id: int = 0
+    reserve_blocks: int = 0
+    retry_at: float = 0.0
+    deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
+
+
+class Router:
+    def __init__(
+        self,
+        model_name: str,
+        tokenizer: Tokenizer,
+        control_address: str,
+        expect_prefill: int = 1,
+        expect_decode: int = 1,
+        max_pending: int = 512,
+        heartbeat_timeout_s: float = 3.0,
+        block_size: int = 16,
+    ) -> None:
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.control_address = control_address
+        self.expect = {"prefill": expect_prefill, "decode": expect_decode}
+        self.max_pending = max_pending
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.block_size = block_size
+        self.workers: dict[str, WorkerInfo] = {}
+        self.requests: dict[str, RouterRequest] = {}
+        # Ended requests whose KV copy may still be writing into a decode worker's blocks: that
+        # worker must not free them until the prefill worker reports KVSent.
+        self.draining: dict[str, RouterRequest] = {}
+        self.counters = {"finished": 0, "aborted": 0, "failed": 0}
+        self._transfer_ids = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+    # Lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.sock.bind(self.control_address)
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="router-receive"),
+            asyncio.create_task(self._housekeeping_loop(), name="router-housekeeping"),
+        ]
+        log.info("router control plane on %s", self.control_address)
+
+    async def stop(self, shutdown_workers: bool = False) -> None:
+        if shutdown_workers:
+            for w in self.workers.values():
+                self._send(w.instance, Shutdown())
+        for task in self._tasks:
+            task.cancel()
+        self.sock.close(0)
+        self.ctx.term()
+
+    @property
+    def max_model_len(self) -> int:
+        lens = [w.registration.max_model_len for w in self.workers.values() if w.alive]
+        return min(lens) if lens else 0
+
+    def health(self) -> tuple[bool, str]:
+        missing = []
+        for role, wanted in self.expect.items():
+            alive = sum(1 for w in self.workers.values() if w.role == role and w.alive)
+            if alive < wanted:
+                missing.append(f"{role}: {alive} of {wanted} alive")
+        return (not missing, "; ".join(missing) or "ok")
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        return {
+            "model": self.model_name,
+            "workers": {i: w.as_json(now) for i, w in sorted(self.workers.items())},
+            "requests": {
+                "active": len(self.requests),
+                "by_phase": _count_phases(self.requests.values()),
+                **self.counters,
+            },
+        }
+
+    # Requests -------------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
+    ) -> AsyncIterator[TokenOutput]:
+        self._admit(request_id, prompt_token_ids)
+        prefill = pick_prefill(self._loads("prefill"))
+        if prefill is None:
+            raise Unavailable("no live prefill worker")
+        req = RouterRequest(request_id, prompt_token_ids, sampling, asyncio.Queue(), prefill)
+        self.requests[request_id] = req
+        self._send(prefill, Prefill(request_id, prompt_token_ids, sampling))
+        try:
+            while True:
+                item = await req.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if req.phase != "done":
+                self.counters["aborted"] += 1
+                self._abort_everywhere(req)
+            self.requests.pop(request_id, None)
+
+    def _admit(self, request_id: str, prompt_token_ids: list[int]) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        limit = self.max_model_len
+        if limit and len(prompt_token_ids) >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context length is "
+                f"{limit} tokens, leaving no room to generate"
+            )
+        if len(self.requests) >= self.max_pending:
+            raise Overloaded(f"{len(self.requests)} requests in flight; retry shortly")
+
+    def _abort_everywhere(self, req: RouterRequest) -> None:
+        self._send(req.prefill, Abort(req.request_id))
+        if req.phase == "transferring":
+            self.draining[req.request_id] = req
+        elif req.decode is not None:
+            self._send(req.decode, Abort(req.request_id))
+        req.phase = "done"
+
+    def _finish(self, req: RouterRequest, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.counters["failed"] += 1
+            self._abort_everywhere(req)
+            req.outputs.put_nowait(error)
+        else:
+            self.counters["finished"] += 1
+            req.phase = "done"
+
+    # Control plane --------------------------------------------------------------------------
+
+    def _send(self, instance: str, message) -> None:
+        worker = self.workers.get(instance)
+        if worker is None:
+            return
+        try:
+            self.sock.send_multipart([worker.identity, encode(message)], flags=zmq.NOBLOCK)
+        except (zmq.Again, zmq.ZMQError) as exc:
+            log.warning("cannot reach %s (%s); it will be marked dead", instance, exc)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            identity, raw = await self.sock.recv_multipart()
+            try:
+                msg = decode(raw)
+            except msgspec.DecodeError:
+                log.error("dropping a malformed message from %r", identity)
+                continue
+            try:
+                self._dispatch(identity, msg)
+            except Exception:
+                log.exception("router failed handling %s", type(msg).__name__)
+
+    def _dispatch(self, identity: bytes, msg) -> None:
+        if isinstance(msg, Register):
+            self._on_register(identity, msg)
+            return
+        request_id = getattr(msg, "request_id", "")
+        if isinstance(msg, KVSent) and request_id in self.draining:
+            self._send(self.draining.pop(request_id).decode, Abort(request_id))
+            return
+        req = self.requests.get(request_id)
+        if req is None or req.phase == "done":
+            return  # late news about a request that already ended
+        if isinstance(msg, TokenOutput):
+            self._on_tokens(req, msg)
+        elif isinstance(msg, DecodeReserved):
+            self._on_reserved(req, msg)
+        elif isinstance(msg, KVSent):
+            self._on_kv_sent(req, msg)
+        elif isinstance(msg, RequestError):
+            error = (
+                InvalidRequestError(msg.message) if msg.status == 400 else Unavailable(msg.message)
+            )
+            self._finish(req, error)
+
+    def _on_register(self, identity: bytes, msg: Register) -> None:
+        known = self.workers.get(msg.instance)
+        if known is None or not known.alive:
+            log.info("%s worker %s (pid %d) registered", msg.role, msg.instance, msg.pid)
+        self.workers[msg.instance] = WorkerInfo(
+            msg.instance, msg.role, identity, msg, time.monotonic()
+        )
+
+    def _on_tokens(self, req: RouterRequest, msg: TokenOutput) -> None:
+        req.outputs.put_nowait(msg)
+        if msg.finished:
+            self._finish(req)
+        elif msg.handoff:
+            req.first = msg
+            req.phase = "reserving"
+            req.reserve_blocks = -(-(len(req.prompt_token_ids) + 1) // self.block_size)
+            self._try_reserve(req)
+
+    def _try_reserve(self, req: RouterRequest) -> None:
+        decode_worker = pick_decode(self._loads("decode"), req.reserve_blocks)
+        if decode_worker is None:
+            if not any(w.alive for w in self.workers.values() if w.role == "decode"):
+                self._finish(req, Unavailable("no live decode worker"))
+            else:
+                req.retry_at = time.monotonic() + 0.05  # wait for KV blocks to free up
+            return
+        first = req.first
+        assert first is not None
+        req.decode = decode_worker
+        req.retry_at = 0.0
+        req.transfer_id = next(self._transfer_ids)
+        self._send(
+            decode_worker,
+            ReserveDecode(
+                request_id=req.request_id,
+                prompt_token_ids=req.prompt_token_ids,
+                first_token=first.token_ids[0],
+                first_logprob=first.logprobs[0] if first.logprobs else None,
+                text_sent=first.text_sent,
+                sampling=req.sampling,
+                generator_state=first.generator_state,
+                prefill_instance=req.prefill,
+                transfer_id=req.transfer_id,
+            ),
+        )
+
+    def _on_reserved(self, req: RouterRequest, msg: DecodeReserved) -> None:
+        if msg.error is not None:
+            log.info("decode reservation for %s refused: %s; retrying", req.request_id, msg.error)
+            req.decode = None
+            req.retry_at = time.monotonic() + 0.05
+            return
+        req.phase = "transferring"
+        worker = self.workers[req.decode]
+        self._send(
+            req.prefill,
+            SendKV(
+                request_id=req.request_id,
+                decode_instance=req.decode,
+                kv_endpoint=worker.registration.kv_endpoint,
+                dst_block_ids=msg.block_ids,
+                transfer_id=req.transfer_id,
+            ),
+        )
+
+    def _on_kv_sent(self, req: RouterRequest, msg: KVSent) -> None:
+        if msg.error is not None:
+            self._finish(req, Unavailable(f"KV transfer failed: {msg.error}"))
+            return
+        req.phase = "decoding"
+        self._send(req.decode, StartDecode(req.request_id))
+
+    # Housekeeping ---------------------------------------------------------------------------
+
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            for w in self.workers.values():
+                if w.alive and now - w.last_seen > self.heartbeat_timeout_s:
+                    w.alive = False
+                    log.warning(
+                        "%s worker %s missed its heartbeats: marked dead", w.role, w.instance
+                    )
+            for req in list(self.requests.values()):
+                self._check_request(req, now)
+            for request_id, req in list(self.draining.items()):
+                if not self.workers[req.prefill].alive:
+                    self._send(self.draining.pop(request_id).decode, Abort(request_id))
+
+    def _check_request(self, req: RouterRequest, now: float) -> None:
+        if req.phase == "done":
+            return
+        for instance in (req.prefill, req.decode):
+            w = self.workers.get(instance) if instance else None
+            if w is not None and not w.alive:
+                self._finish(req, Unavailable(f"{w.role} worker {w.instance} died"))
+                return
+        if req.phase == "reserving" and req.decode is None and now >= req.retry_at:
+            if now > req.deadline:
+                self._finish(req, Unavailable("no decode worker had room in time"))
+            else:
+                self._try_reserve(req)
+
+    def _loads(self, role: str) -> list[WorkerLoad]:
+        queued: dict[str, int] = {}
+        running: dict[str, int] = {}
+        pending: dict[str, int] = {}
+        for r in self.requests.values():
+            if r.phase == "prefill":
+                queued[r.prefill] = queued.get(r.prefill, 0) + len(r.prompt_token_ids)
+            if r.decode is not None:
+                running[r.decode] = running.get(r.decode, 0) + 1
+                if r.phase == "reserving":
+                    pending[r.decode] = pending.get(r.decode, 0) + r.reserve_blocks
+        return [
+            WorkerLoad(
+                instance=w.instance,
+                alive=w.alive,
+                queued_tokens=queued.get(w.instance, 0),
+                num_running=running.get(w.instance, 0),
+                num_free_blocks=w.registration.stats.num_free_blocks,
+                pending_blocks=pending.get(w.instance, 0),
+            )
+            for w in self.workers.values()
+            if w.role == role
+        ]
+
+
+def _count_phases(requests) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in requests:
+        counts[r.phase] = counts.get(r.phase, 0) + 1
+    return counts

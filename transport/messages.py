@@ -1,0 +1,151 @@
+"""Every control message between the router and the workers, in one page.
+
+Messages are msgspec Structs encoded as msgpack with a tag naming the type; nothing that crosses
+a socket is ever unpickled. Tensors never travel here: KV moves on the data plane.
+
+A request's life (router R, prefill worker P, decode worker D); workers send `Register` as a
+heartbeat:
+  R -> P  Prefill          P computes the prompt, samples the first token, holds its KV
+  P -> R  TokenOutput      the first token (finished here if it already ends the request)
+  R -> D  ReserveDecode    D reserves blocks for the prompt's KV
+  D -> R  DecodeReserved   the block ids D reserved (or an error)
+  R -> P  SendKV           P copies its blocks into D's over the data plane, then frees them
+  P -> R  KVSent           the copy is complete
+  R -> D  StartDecode      D starts decoding from the first token
+  D -> R  TokenOutput      every later token, the last with a finish reason
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingSpec(msgspec.Struct, frozen=True):
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    stop: list[str]
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    logprobs: bool
+
+
+class WorkerStats(msgspec.Struct, frozen=True):
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    queued_tokens: int
+    num_preemptions: int
+
+
+class Register(msgspec.Struct, tag=True, frozen=True):
+    """Sent on start and then as the heartbeat, so a restarted router relearns its workers."""
+
+    role: str  # "prefill" | "decode"
+    instance: str
+    pid: int
+    model: str
+    max_model_len: int
+    # Where a prefill worker reaches this decode worker's KV pool (see transport.kv_transfer).
+    kv_endpoint: dict[str, str | int]
+    stats: WorkerStats
+
+
+class Prefill(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+
+
+class TokenOutput(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    token_ids: list[int]  # new tokens since the last output
+    text: str  # new text since the last output
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None  # of the new tokens
+    prompt_tokens: int = 0
+    # Set on a prefill worker's first token when its KV waits for a decode worker: what that
+    # worker needs to continue exactly where prefill stopped.
+    handoff: bool = False
+    text_sent: int = 0
+    generator_state: bytes | None = None
+
+
+class ReserveDecode(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token: int
+    first_logprob: float | None
+    text_sent: int
+    sampling: SamplingSpec
+    generator_state: bytes | None
+    prefill_instance: str
+    transfer_id: int
+
+
+class DecodeReserved(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    block_ids: list[int]
+    error: str | None = None
+
+
+class SendKV(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    decode_instance: str
+    kv_endpoint: dict[str, str | int]
+    dst_block_ids: list[int]
+    transfer_id: int
+
+
+class KVSent(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    error: str | None = None
+
+
+class StartDecode(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+
+
+class Abort(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+
+
+class RequestError(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    message: str
+    status: int = 500
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+Message = (
+    Register
+    | Prefill
+    | TokenOutput
+    | ReserveDecode
+    | DecodeReserved
+    | SendKV
+    | KVSent
+    | StartDecode
+    | Abort
+    | RequestError
+    | Shutdown
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    return _decoder.decode(data)

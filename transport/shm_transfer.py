@@ -1,0 +1,207 @@
+"""KV transfer between processes on one host through POSIX shared memory.
+
+The decode worker's pool lives in a named segment; a prefill worker maps it once and writes the
+reserved blocks directly, so a transfer is one gather-scatter copy. Completion is signalled on the
+control plane (KVSent -> mark_sent), never by the data itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import secrets
+import sys
+import threading
+from concurrent.futures import Future
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+
+import torch
+
+from transport.kv_transfer import (
+    Endpoint,
+    KVTransferError,
+    Transfers,
+    block_index,
+    check_block_ids,
+    check_compatible,
+    dtype_to_str,
+    shape_to_str,
+)
+
+logger = logging.getLogger(__name__)
+
+SEGMENT_PREFIX = "adrenaline-kv-"
+SHM_DIR = "/dev/shm"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_segments() -> list[str]:
+    """Unlinks segments left by decode workers that died without closing (e.g. SIGKILL).
+
+    Segment names carry the creator's pid; a segment whose pid is gone is stale. (The
+    multiprocessing resource tracker also unlinks a killed creator's segments; this covers the
+    tracker itself being killed.) A reused pid keeps a stale segment until that process exits.
+    """
+    removed = []
+    if not os.path.isdir(SHM_DIR):
+        return removed
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        pid_text = name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+        except OSError:
+            pass
+    if removed:
+        logger.warning("removed %d stale KV segments: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _open_untracked(name: str) -> SharedMemory:
+    """Opens a peer's segment without letting this process's resource tracker unlink it on exit."""
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, track=False)
+    shm = SharedMemory(name=name)
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    return shm
+
+
+def _view(shm: SharedMemory, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    numel = math.prod(shape)
+    return torch.frombuffer(shm.buf, dtype=dtype, count=numel).view(shape)
+
+
+class ShmPoolHost:
+    """Decode side: allocates the KV pool in a shared memory segment named in the endpoint."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, instance: str) -> None:
+        remove_stale_segments()
+        self.instance = instance
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._shm = SharedMemory(name=name, create=True, size=max(nbytes, 1))
+        self.pool = _view(self._shm, tuple(shape), dtype)
+        self.pool.zero_()
+        self.endpoint: Endpoint = {
+            "kind": "shm",
+            "instance": instance,
+            "name": name,
+            "shape": shape_to_str(shape),
+            "dtype": dtype_to_str(dtype),
+            "nbytes": nbytes,
+        }
+        self._transfers = Transfers()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        atexit.register(self.close)
+        logger.info("[decode %s] KV pool in shm segment %s (%d bytes)", instance, name, nbytes)
+
+    @property
+    def segment_name(self) -> str:
+        return str(self.endpoint["name"])
+
+    def expect(self, transfer_id: int, src_instance: str, block_ids: list[int]) -> Future[None]:
+        if self._closed:
+            raise KVTransferError(f"KV pool of {self.instance} is closed")
+        return self._transfers.add(transfer_id, src_instance, block_ids)
+
+    def mark_sent(self, transfer_id: int) -> None:
+        if not self._transfers.complete(transfer_id):
+            logger.warning("[decode %s] KVSent for unknown transfer %d", self.instance, transfer_id)
+
+    def cancel(self, transfer_id: int) -> None:
+        self._transfers.fail(transfer_id, f"transfer {transfer_id} cancelled")
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        atexit.unregister(self.close)
+        self._transfers.fail_all(f"KV pool of {self.instance} closed")
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass
+        # The mapping stays while tensors still view it (BufferError); it goes with the process.
+        try:
+            self._shm.close()
+        except BufferError:
+            pass
+
+
+class ShmSender:
+    """Prefill side: maps each peer's segment once and copies blocks straight into it."""
+
+    def __init__(self, pool: torch.Tensor, instance: str) -> None:
+        if pool.device.type != "cpu":
+            raise KVTransferError(f"shm KV transfer needs a CPU pool, not {pool.device}")
+        self.pool = pool
+        self.instance = instance
+        self._lock = threading.Lock()
+        self._peers: dict[str, tuple[SharedMemory, torch.Tensor]] = {}
+
+    def _peer_pool(self, endpoint: Endpoint) -> torch.Tensor:
+        name = str(endpoint["name"])
+        with self._lock:
+            if os.path.isdir(SHM_DIR) and not os.path.exists(os.path.join(SHM_DIR, name)):
+                # The host closed or died: writing into the orphaned mapping would look like success.
+                self._drop(name)
+                raise KVTransferError(f"KV segment {name} of {endpoint['instance']} is gone")
+            peer = self._peers.get(name)
+            if peer is None:
+                shape = check_compatible(self.pool, endpoint)
+                try:
+                    shm = _open_untracked(name)
+                except FileNotFoundError as e:
+                    raise KVTransferError(
+                        f"KV segment {name} of {endpoint['instance']} is gone"
+                    ) from e
+                peer = self._peers[name] = (shm, _view(shm, shape, self.pool.dtype))
+            return peer[1]
+
+    def send(
+        self,
+        transfer_id: int,
+        endpoint: Endpoint,
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+        timeout_s: float = 10.0,
+    ) -> None:
+        dst_pool = self._peer_pool(endpoint)
+        check_block_ids(src_block_ids, dst_block_ids, self.pool.shape[2], dst_pool.shape[2])
+        src = block_index(src_block_ids, self.pool.device)
+        dst = block_index(dst_block_ids, self.pool.device)
+        dst_pool.index_copy_(2, dst, self.pool.index_select(2, src))
+
+    def _drop(self, name: str) -> None:
+        peer = self._peers.pop(name, None)
+        if peer is None:
+            return
+        shm = peer[0]
+        del peer
+        try:
+            shm.close()
+        except BufferError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            for name in list(self._peers):
+                self._drop(name)
