@@ -49,6 +49,13 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def sampling_params(spec) -> SamplingParams:
+    """SamplingParams from any object with the same fields (e.g. transport's SamplingSpec)."""
+    return SamplingParams(
+        **{name: getattr(spec, name) for name in SamplingParams.__dataclass_fields__}
+    )
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

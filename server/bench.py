@@ -365,8 +365,9 @@ def resolve_model(base_url: str, timeout: float) -> str:
         resp.raise_for_status()
         return resp.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BenchError(
-            f"could not read the model from {base_url}/v1/models ({exc}); pass --model"
+            f"could not read the model from {base_url}/v1/models ({reason}); pass --model"
         ) from exc
 
 

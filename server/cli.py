@@ -1,4 +1,6 @@
-"""The `adrenaline` command: `generate` runs the engine offline, `serve` starts the HTTP server.
+"""The `adrenaline` command: `serve` starts a whole deployment here; `router`, `prefill` and
+`decode` start one role each (for deployments across hosts); `generate` runs the engine
+offline; `bench` measures a running server.
 
 Flags map one-to-one onto the frozen config dataclasses; a bad flag value exits with an error
 that names the flag.
@@ -12,6 +14,15 @@ import logging
 import sys
 
 from engine.config import BatchConfig, CacheConfig, ConfigError, EngineConfig
+from server.bench import add_bench_parser, run_bench
+from server.launcher import run_serve
+from server.roles import (
+    add_router_flags,
+    add_worker_flags,
+    add_worker_process_flags,
+    run_router,
+    run_worker,
+)
 
 DEFAULT_MODEL = "smollm2"
 
@@ -113,10 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
-    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve = sub.add_parser("serve", help="start a router, prefill and decode workers here")
     add_engine_flags(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    add_router_flags(serve)
+    add_worker_process_flags(serve)
+
+    router = sub.add_parser("router", help="start the router (HTTP API, admission, placement)")
+    router.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer to use")
+    router.add_argument("--block-size", type=int, default=16)
+    add_router_flags(router)
+
+    for role in ("prefill", "decode"):
+        worker = sub.add_parser(role, help=f"start a {role} worker that joins a router")
+        add_engine_flags(worker)
+        add_worker_flags(worker)
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -125,14 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s [%(process)d %(name)s] %(message)s",
+        format=f"%(asctime)s %(levelname)s [{args.command} %(process)d %(name)s] %(message)s",
     )
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # for errors
+    if args.command == "bench":
+        return run_bench(args)
+    if args.command == "router":
+        return run_router(args)
     config = engine_config_from_args(args, sub_parser)
     try:
         if args.command == "generate":
             return run_generate(args, config, sub_parser)
-        return run_serve(args, config)
+        if args.command == "serve":
+            return run_serve(args, sub_parser)
+        return run_worker(args.command, args, config)
     except ConfigError as exc:
         sub_parser.error(str(exc))
     return 0
@@ -177,21 +206,6 @@ def run_generate(args, config: EngineConfig, parser: argparse.ArgumentParser) ->
             )
         else:
             print(out.text)
-    return 0
-
-
-def run_serve(args, config: EngineConfig) -> int:
-    import uvicorn
-
-    from engine.engine import LLMEngine
-    from server.api import create_app
-    from server.async_engine import AsyncEngine
-
-    engine = AsyncEngine(LLMEngine(config))
-    app = create_app(engine, config.model)
-    print(f"Adrenaline serving {config.model} at http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    engine.shutdown()
     return 0
 
 

@@ -18,7 +18,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from engine.sequence import InvalidRequestError
+from engine.sequence import InvalidRequestError, sampling_params
 from engine.tokenizer import Tokenizer
 from scheduler.placement import WorkerLoad, pick_decode, pick_prefill
 from server.generation import Overloaded, Unavailable
@@ -158,7 +158,7 @@ class Router:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
     ) -> AsyncIterator[TokenOutput]:
-        self._admit(request_id, prompt_token_ids)
+        self._admit(request_id, prompt_token_ids, sampling)
         prefill = pick_prefill(self._loads("prefill"))
         if prefill is None:
             raise Unavailable("no live prefill worker")
@@ -179,7 +179,8 @@ class Router:
                 self._abort_everywhere(req)
             self.requests.pop(request_id, None)
 
-    def _admit(self, request_id: str, prompt_token_ids: list[int]) -> None:
+    def _admit(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec) -> None:
+        sampling_params(sampling)  # raises InvalidRequestError before any worker sees it
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:

@@ -18,7 +18,7 @@ import msgspec
 import zmq
 
 from engine.engine import LLMEngine, RequestOutput
-from engine.sequence import InvalidRequestError, SamplingParams
+from engine.sequence import InvalidRequestError, sampling_params
 from transport.kv_transfer import KVPoolHost, KVSender
 from transport.messages import (
     Abort,
@@ -40,10 +40,6 @@ from transport.messages import (
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
-
-
-def sampling_params(spec) -> SamplingParams:
-    return SamplingParams(**msgspec.structs.asdict(spec))
 
 
 class Worker:

@@ -1,0 +1,77 @@
+"""The router's HTTP server: native `/generate`, the OpenAI API, `/health` and `/stats`, with
+every error type mapped to its status code here, in one place.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from engine.sequence import InvalidRequestError
+from server.generate_api import generate_routes
+from server.generation import Overloaded, Unavailable
+from server.http_errors import error_response, validation_message
+from server.openai_api import openai_routes
+from server.router import Router
+from server.streaming import error_payload, error_status
+
+
+PROTECTED_PREFIXES = ("/v1/", "/generate")
+
+
+def create_app(router: Router, api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.stop()
+
+    app = FastAPI(title="Adrenaline router", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    if api_key:
+        install_api_key_check(app, api_key)
+    app.include_router(generate_routes(router))
+    app.include_router(openai_routes(router))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok, reason = router.health()
+        if ok:
+            return JSONResponse({"status": "ok"})
+        return error_response(503, f"not ready: {reason}", "service_unavailable")
+
+    @app.get("/stats")
+    async def stats() -> dict:
+        return router.stats()
+
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, validation_message(exc.errors()), "invalid_request_error")
+
+    async def _mapped(_: Request, exc: Exception) -> JSONResponse:
+        status, _kind = error_status(exc)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
+        return JSONResponse(status_code=status, content=error_payload(exc), headers=headers)
+
+    for exc_type in (InvalidRequestError, Overloaded, Unavailable):
+        app.add_exception_handler(exc_type, _mapped)
+
+
+def install_api_key_check(app: FastAPI, api_key: str) -> None:
+    expected = f"Bearer {api_key}"
+
+    @app.middleware("http")
+    async def _check(request: Request, call_next):
+        if request.url.path.startswith(PROTECTED_PREFIXES):
+            if request.headers.get("authorization") != expected:
+                return error_response(401, "missing or wrong API key", "authentication_error")
+        return await call_next(request)

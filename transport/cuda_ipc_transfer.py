@@ -1,0 +1,176 @@
+"""KV transfer between processes on one host's GPUs through CUDA IPC.
+
+The decode worker exports its pool's allocation as an IPC handle; the endpoint carries the handle's
+fields as hex strings (never pickle). A prefill worker opens it once and copies blocks on a side
+stream, device to device. Completion is signalled on the control plane (KVSent -> mark_sent).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+
+import torch
+
+from transport.kv_transfer import (
+    Endpoint,
+    KVTransferError,
+    Transfers,
+    block_index,
+    check_block_ids,
+    check_compatible,
+    dtype_to_str,
+    shape_to_str,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _hex(value: bytes | None) -> str:
+    return "" if value is None else value.hex()
+
+
+def _unhex(text: str | int) -> bytes | None:
+    return bytes.fromhex(str(text)) if text else None
+
+
+def export_pool(pool: torch.Tensor) -> Endpoint:
+    """The fields of the storage's IPC handle, as msgpack-able strings and ints."""
+    (
+        device,
+        handle,
+        size_bytes,
+        offset_bytes,
+        ref_counter_handle,
+        ref_counter_offset,
+        event_handle,
+        event_sync_required,
+    ) = pool.untyped_storage()._share_cuda_()
+    return {
+        "device": int(device),
+        "handle": _hex(handle),
+        "storage_size_bytes": int(size_bytes),
+        "storage_offset_bytes": int(offset_bytes),
+        "ref_counter_handle": _hex(ref_counter_handle),
+        "ref_counter_offset": int(ref_counter_offset),
+        "event_handle": _hex(event_handle),
+        "event_sync_required": int(bool(event_sync_required)),
+        "tensor_offset": int(pool.storage_offset()),
+    }
+
+
+def import_pool(endpoint: Endpoint, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Opens a peer's exported pool (see export_pool) as a tensor on this process's device."""
+    torch.cuda._lazy_init()
+    storage = torch.UntypedStorage._new_shared_cuda(
+        int(endpoint["device"]),
+        _unhex(endpoint["handle"]),
+        int(endpoint["storage_size_bytes"]),
+        int(endpoint["storage_offset_bytes"]),
+        _unhex(endpoint["ref_counter_handle"]),
+        int(endpoint["ref_counter_offset"]),
+        _unhex(endpoint["event_handle"]),
+        bool(endpoint["event_sync_required"]),
+    )
+    device = torch.device("cuda", int(endpoint["device"]))
+    pool = torch.empty(0, dtype=dtype, device=device)
+    return pool.set_(storage, int(endpoint["tensor_offset"]), shape)
+
+
+class CudaIpcPoolHost:
+    """Decode side: allocates the KV pool on its GPU and exports it."""
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, instance: str
+    ) -> None:
+        self.instance = instance
+        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        torch.cuda.synchronize(self.pool.device)  # the zeros land before a peer may write
+        self.endpoint: Endpoint = {
+            "kind": "cuda_ipc",
+            "instance": instance,
+            "shape": shape_to_str(shape),
+            "dtype": dtype_to_str(dtype),
+            **export_pool(self.pool),
+        }
+        self._transfers = Transfers()
+        self._closed = False
+        logger.info("[decode %s] KV pool exported over CUDA IPC on %s", instance, device)
+
+    def expect(self, transfer_id: int, src_instance: str, block_ids: list[int]) -> Future[None]:
+        if self._closed:
+            raise KVTransferError(f"KV pool of {self.instance} is closed")
+        return self._transfers.add(transfer_id, src_instance, block_ids)
+
+    def mark_sent(self, transfer_id: int) -> None:
+        if not self._transfers.complete(transfer_id):
+            logger.warning("[decode %s] KVSent for unknown transfer %d", self.instance, transfer_id)
+
+    def cancel(self, transfer_id: int) -> None:
+        self._transfers.fail(transfer_id, f"transfer {transfer_id} cancelled")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._transfers.fail_all(f"KV pool of {self.instance} closed")
+
+
+class CudaIpcSender:
+    """Prefill side: opens each peer's pool once; copies on a side stream."""
+
+    def __init__(self, pool: torch.Tensor, instance: str) -> None:
+        if not pool.is_cuda:
+            raise KVTransferError(f"cuda_ipc KV transfer needs a CUDA pool, not {pool.device}")
+        self.pool = pool
+        self.instance = instance
+        self._lock = threading.Lock()
+        self._peers: dict[str, torch.Tensor] = {}
+        self._stream = torch.cuda.Stream(device=pool.device)
+
+    def _peer_pool(self, endpoint: Endpoint) -> torch.Tensor:
+        key = str(endpoint["handle"])
+        with self._lock:
+            peer = self._peers.get(key)
+            if peer is None:
+                shape = check_compatible(self.pool, endpoint)
+                try:
+                    with torch.cuda.device(self.pool.device):
+                        peer = import_pool(endpoint, shape, self.pool.dtype)
+                except RuntimeError as e:
+                    raise KVTransferError(
+                        f"cannot open the KV pool of {endpoint['instance']} over CUDA IPC: {e}"
+                    ) from e
+                self._peers[key] = peer
+            return peer
+
+    def send(
+        self,
+        transfer_id: int,
+        endpoint: Endpoint,
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+        timeout_s: float = 10.0,
+    ) -> None:
+        dst_pool = self._peer_pool(endpoint)
+        check_block_ids(src_block_ids, dst_block_ids, self.pool.shape[2], dst_pool.shape[2])
+        if not src_block_ids:
+            return
+        # The prefill that wrote these blocks ran on the current stream.
+        self._stream.wait_stream(torch.cuda.current_stream(self.pool.device))
+        with torch.cuda.stream(self._stream):
+            src = block_index(src_block_ids, self.pool.device)
+            dst = block_index(dst_block_ids, dst_pool.device)
+            blocks = self.pool.index_select(2, src)
+            if dst_pool.device != self.pool.device:
+                blocks = blocks.to(dst_pool.device, non_blocking=True)
+            dst_pool.index_copy_(2, dst, blocks)
+        # The decode side reads the blocks after KVSent; they must be in memory by then.
+        self._stream.synchronize()
+        if dst_pool.device != self.pool.device:
+            torch.cuda.synchronize(dst_pool.device)
+
+    def close(self) -> None:
+        with self._lock:
+            self._peers.clear()

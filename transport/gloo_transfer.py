@@ -1,0 +1,293 @@
+"""KV transfer across hosts with torch.distributed point-to-point: gloo for CPU pools, NCCL for GPU.
+
+There is no global process group: each (prefill, decode) pair builds its own 2-rank group on the
+decode worker's TCPStore, so a worker can talk to any number of peers. A transfer is announced in
+the store ("{transfer_id},{num_blocks}") before its data is sent, so the decode side only posts a
+recv when data is on its way: a gloo wait that times out poisons the whole group, so it must
+never idle inside one. Either side drops a failed group; the sender rebuilds it under a new
+generation number, which the decode side follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from transport.kv_transfer import (
+    Endpoint,
+    KVTransferError,
+    Transfers,
+    block_index,
+    check_block_ids,
+    check_compatible,
+    dtype_to_str,
+    shape_to_str,
+)
+
+logger = logging.getLogger(__name__)
+
+SENDER_RANK, HOST_RANK = 0, 1
+POLL = timedelta(milliseconds=200)
+
+
+def _tag(transfer_id: int) -> int:
+    return transfer_id % 2**31
+
+
+def _make_group(backend: str, store: dist.Store, rank: int, timeout_s: float) -> dist.ProcessGroup:
+    """Blocks until both ranks of the pair joined (or timeout_s passed)."""
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, 2, options)
+    raise KVTransferError(f"unknown point-to-point backend {backend!r}")
+
+
+def _pair_prefix(src: str, dst: str, generation: int) -> str:
+    return f"{src}->{dst}/{generation}"
+
+
+class P2PPoolHost:
+    """Decode side: a TCPStore for rendezvous plus one receiving thread per prefill peer."""
+
+    def __init__(
+        self,
+        backend: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        instance: str,
+        host: str = "127.0.0.1",
+        connect_timeout_s: float = 30.0,
+        data_timeout_s: float = 60.0,
+    ) -> None:
+        self.backend = backend
+        self.instance = instance
+        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.connect_timeout_s = connect_timeout_s
+        self.data_timeout_s = data_timeout_s
+        self._store = dist.TCPStore(
+            host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
+        )
+        self.endpoint: Endpoint = {
+            "kind": backend,
+            "instance": instance,
+            "host": host,
+            "port": int(self._store.port),
+            "shape": shape_to_str(shape),
+            "dtype": dtype_to_str(dtype),
+        }
+        self._transfers = Transfers()
+        # Held while blocks are written, so cancel() never returns with a copy still landing.
+        self._scatter_lock = threading.Lock()
+        self._links: dict[str, threading.Thread] = {}
+        self._links_lock = threading.Lock()
+        self._closed = threading.Event()
+        logger.info("[decode %s] %s KV endpoint %s:%d", instance, backend, host, self._store.port)
+
+    def expect(self, transfer_id: int, src_instance: str, block_ids: list[int]) -> Future[None]:
+        if self._closed.is_set():
+            raise KVTransferError(f"KV pool of {self.instance} is closed")
+        future = self._transfers.add(transfer_id, src_instance, block_ids)
+        if not block_ids:  # nothing will be sent
+            self._transfers.complete(transfer_id)
+            return future
+        with self._links_lock:
+            if src_instance not in self._links:
+                thread = threading.Thread(
+                    target=self._serve_peer,
+                    args=(src_instance,),
+                    name=f"kv-recv-{src_instance}",
+                    daemon=True,
+                )
+                self._links[src_instance] = thread
+                thread.start()
+        return future
+
+    def mark_sent(self, transfer_id: int) -> None:
+        # The data itself signals completion here; KVSent arrives after the recv finished.
+        pass
+
+    def cancel(self, transfer_id: int) -> None:
+        with self._scatter_lock:
+            self._transfers.fail(transfer_id, f"transfer {transfer_id} cancelled")
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._transfers.fail_all(f"KV pool of {self.instance} closed")
+        with self._links_lock:
+            threads = list(self._links.values())
+        for thread in threads:
+            thread.join(timeout=2 * POLL.total_seconds())
+
+    # -- the receiving side of one peer ----------------------------------------------------
+
+    def _generation(self, src: str) -> int:
+        return int(self._store.add(f"{src}/gen", 0))
+
+    def _serve_peer(self, src: str) -> None:
+        joined = 0
+        while not self._closed.is_set():
+            generation = self._generation(src)
+            if generation <= joined:
+                self._wait_key(f"{src}/join/{joined + 1}")
+                continue
+            joined = generation
+            prefix = _pair_prefix(src, self.instance, generation)
+            try:
+                group = _make_group(
+                    self.backend,
+                    dist.PrefixStore(prefix, self._store),
+                    HOST_RANK,
+                    self.connect_timeout_s,
+                )
+            except Exception as e:  # a sender that gave up: wait for its next generation
+                logger.warning("[decode %s] joining %s failed: %s", self.instance, prefix, e)
+                continue
+            logger.info("[decode %s] KV link %s up", self.instance, prefix)
+            self._receive(src, group, prefix, generation)
+
+    def _wait_key(self, key: str) -> bool:
+        try:
+            self._store.wait([key], POLL)
+            return True
+        except Exception:  # a timeout: the caller re-checks closed / generation
+            return False
+
+    def _receive(self, src: str, group: dist.ProcessGroup, prefix: str, generation: int) -> None:
+        seq = 0
+        while not self._closed.is_set():
+            key = f"{prefix}#msg/{seq}"
+            if not self._wait_key(key):
+                if self._generation(src) != generation:
+                    return  # the sender rebuilt the link
+                continue
+            transfer_id, num_blocks = (int(x) for x in self._store.get(key).decode().split(","))
+            self._store.delete_key(key)
+            seq += 1
+            if not self._receive_one(src, group, transfer_id, num_blocks):
+                return
+
+    def _receive_one(
+        self, src: str, group: dist.ProcessGroup, transfer_id: int, num_blocks: int
+    ) -> bool:
+        shape = list(self.pool.shape)
+        shape[2] = num_blocks
+        buf = torch.empty(shape, dtype=self.pool.dtype, device=self.pool.device)
+        try:
+            group.recv([buf], SENDER_RANK, _tag(transfer_id)).wait(
+                timedelta(seconds=self.data_timeout_s)
+            )
+        except Exception as e:
+            logger.warning("[decode %s] recv of transfer %d failed: %s", self.instance, transfer_id, e)
+            self._transfers.fail(transfer_id, f"receiving transfer {transfer_id} failed: {e}")
+            return False
+        with self._scatter_lock:
+            entry = self._transfers.get(transfer_id)
+            if entry is None or entry[0] != src or len(entry[1]) != num_blocks:
+                logger.warning(
+                    "[decode %s] dropped unexpected transfer %d from %s",
+                    self.instance,
+                    transfer_id,
+                    src,
+                )
+                return True
+            self.pool.index_copy_(2, block_index(entry[1], self.pool.device), buf)
+            if self.pool.is_cuda:
+                torch.cuda.current_stream(self.pool.device).synchronize()
+            self._transfers.complete(transfer_id)
+        return True
+
+
+class _SendLink:
+    def __init__(self, store: dist.TCPStore, group: dist.ProcessGroup, prefix: str) -> None:
+        self.store = store
+        self.group = group
+        self.prefix = prefix
+        self.seq = 0
+
+
+class P2PSender:
+    """Prefill side: one 2-rank group per decode endpoint, built on first send."""
+
+    def __init__(self, pool: torch.Tensor, instance: str) -> None:
+        self.pool = pool
+        self.instance = instance
+        self._lock = threading.Lock()
+        self._links: dict[tuple[str, int], _SendLink] = {}
+        self._peer_locks: dict[tuple[str, int], threading.Lock] = {}
+
+    def _connect(self, endpoint: Endpoint, timeout_s: float) -> _SendLink:
+        backend = str(endpoint["kind"])
+        store = dist.TCPStore(
+            str(endpoint["host"]),
+            int(endpoint["port"]),
+            is_master=False,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        generation = int(store.add(f"{self.instance}/gen", 1))
+        store.set(f"{self.instance}/join/{generation}", "1")
+        prefix = _pair_prefix(self.instance, str(endpoint["instance"]), generation)
+        group = _make_group(backend, dist.PrefixStore(prefix, store), SENDER_RANK, timeout_s)
+        logger.info("[prefill %s] KV link %s up", self.instance, prefix)
+        return _SendLink(store, group, prefix)
+
+    def send(
+        self,
+        transfer_id: int,
+        endpoint: Endpoint,
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+        timeout_s: float = 10.0,
+    ) -> None:
+        shape = check_compatible(self.pool, endpoint)
+        check_block_ids(src_block_ids, dst_block_ids, self.pool.shape[2], shape[2])
+        if not src_block_ids:
+            return
+        peer = (str(endpoint["host"]), int(endpoint["port"]))
+        with self._lock:
+            peer_lock = self._peer_locks.setdefault(peer, threading.Lock())
+        deadline = time.monotonic() + timeout_s
+        if not peer_lock.acquire(timeout=timeout_s):
+            raise KVTransferError(f"transfer {transfer_id}: link to {peer} busy for {timeout_s}s")
+        try:
+            link = self._links.get(peer)
+            try:
+                if link is None:
+                    link = self._links[peer] = self._connect(endpoint, timeout_s)
+                self._send_blocks(link, transfer_id, src_block_ids, deadline)
+            except Exception as e:
+                self._links.pop(peer, None)
+                raise KVTransferError(
+                    f"sending transfer {transfer_id} to {endpoint['instance']} at {peer} failed: {e}"
+                ) from e
+        finally:
+            peer_lock.release()
+
+    def _send_blocks(
+        self, link: _SendLink, transfer_id: int, src_block_ids: list[int], deadline: float
+    ) -> None:
+        # [num_layers, 2, n, block_size, num_kv_heads, head_dim], contiguous
+        blocks = self.pool.index_select(2, block_index(src_block_ids, self.pool.device))
+        link.store.set(f"{link.prefix}#msg/{link.seq}", f"{transfer_id},{len(src_block_ids)}")
+        link.seq += 1
+        remaining = max(deadline - time.monotonic(), 0.001)
+        link.group.send([blocks], HOST_RANK, _tag(transfer_id)).wait(
+            timedelta(seconds=remaining)
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._links.clear()
