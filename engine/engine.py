@@ -71,6 +71,7 @@ class LLMEngine:
         )
         self.batcher = Batcher(config.batch, self.block_manager)
         self.requests: dict[str, Sequence] = {}
+        self.requests_total = 0
         self._seed_source = random.Random(config.seed)
 
     def _fit_max_model_len(self, config: EngineConfig) -> EngineConfig:
@@ -113,6 +114,7 @@ class LLMEngine:
             request_id, prompt_token_ids, params, generator=self._generator(params), handoff=handoff
         )
         self.requests[request_id] = seq
+        self.requests_total += 1
         self.batcher.add(seq)
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
@@ -239,6 +241,7 @@ class LLMEngine:
         self.block_manager.allocate(seq, use_prefix_cache=False)
         seq.status = SequenceStatus.RESERVED
         self.requests[request_id] = seq
+        self.requests_total += 1
         return list(seq.block_table)
 
     def start_prefilled(self, request_id: str) -> None:
@@ -260,6 +263,7 @@ class LLMEngine:
             "num_running": len(self.batcher.running),
             "num_waiting": len(self.batcher.waiting),
             "num_preemptions": self.batcher.num_preemptions,
+            "requests_total": self.requests_total,
             "prefix_cache_hits": bm.prefix_hits,
             "prefix_cache_queries": bm.prefix_queries,
         }

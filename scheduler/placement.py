@@ -17,13 +17,14 @@ class WorkerLoad:
     num_running: int  # requests it is decoding (router's books)
     num_free_blocks: int  # from its last heartbeat
     pending_blocks: int = 0  # blocks promised to requests since that heartbeat
+    assigned_total: int = 0  # requests ever sent to it: spreads ties round-robin
 
 
 def pick_prefill(workers: list[WorkerLoad]) -> str | None:
     live = [w for w in workers if w.alive]
     if not live:
         return None
-    return min(live, key=lambda w: (w.queued_tokens, w.num_running, w.instance)).instance
+    return min(live, key=lambda w: (w.queued_tokens, w.assigned_total, w.instance)).instance
 
 
 def pick_decode(workers: list[WorkerLoad], blocks_needed: int) -> str | None:
@@ -31,6 +32,12 @@ def pick_decode(workers: list[WorkerLoad], blocks_needed: int) -> str | None:
     fits = [w for w in workers if w.alive and w.num_free_blocks - w.pending_blocks >= blocks_needed]
     if not fits:
         return None
-    return max(
-        fits, key=lambda w: (w.num_free_blocks - w.pending_blocks, -w.num_running, w.instance)
+    return min(
+        fits,
+        key=lambda w: (
+            w.pending_blocks - w.num_free_blocks,
+            w.num_running,
+            w.assigned_total,
+            w.instance,
+        ),
     ).instance

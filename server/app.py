@@ -18,7 +18,6 @@ from server.openai_api import openai_routes
 from server.router import Router
 from server.streaming import error_payload, error_status
 
-
 PROTECTED_PREFIXES = ("/v1/", "/generate")
 
 

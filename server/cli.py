@@ -109,10 +109,13 @@ def engine_config_from_args(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adrenaline", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument_group("logging").add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text offline with the engine")
+    gen = sub.add_parser("generate", parents=[common], help="generate text offline with the engine")
     add_engine_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
@@ -124,18 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
-    serve = sub.add_parser("serve", help="start a router, prefill and decode workers here")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="start a router, prefill and decode workers here"
+    )
     add_engine_flags(serve)
     add_router_flags(serve)
     add_worker_process_flags(serve)
 
-    router = sub.add_parser("router", help="start the router (HTTP API, admission, placement)")
+    router = sub.add_parser(
+        "router", parents=[common], help="start the router (HTTP API, admission, placement)"
+    )
     router.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer to use")
     router.add_argument("--block-size", type=int, default=16)
     add_router_flags(router)
 
     for role in ("prefill", "decode"):
-        worker = sub.add_parser(role, help=f"start a {role} worker that joins a router")
+        worker = sub.add_parser(
+            role, parents=[common], help=f"start a {role} worker that joins a router"
+        )
         add_engine_flags(worker)
         add_worker_flags(worker)
 
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=getattr(args, "log_level", "INFO"),
         format=f"%(asctime)s %(levelname)s [{args.command} %(process)d %(name)s] %(message)s",
     )
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # for errors

@@ -51,7 +51,8 @@ class Deployment:
         self.children: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, start_new_session=True)
+        # Same process group as `serve`: a signal to the group reaches every role.
+        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})})
         self.children.append((name, proc))
 
     def dead(self) -> list[str]:
@@ -93,7 +94,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     # Resolved once here so the children do not all download and convert it at once.
     model_dir = str(resolve_model(args.model))
-    engine_argv = argv_for_groups(parser, {"engine"}, args)
+    engine_argv = argv_for_groups(parser, {"engine", "logging"}, args)
     engine_argv = _replace_flag(engine_argv, "--model", model_dir)
     workers = args.num_prefill + args.num_decode
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // workers)

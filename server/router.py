@@ -102,6 +102,7 @@ class Router:
         # worker must not free them until the prefill worker reports KVSent.
         self.draining: dict[str, RouterRequest] = {}
         self.counters = {"finished": 0, "aborted": 0, "failed": 0}
+        self.assigned: dict[str, int] = {}
         self._transfer_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         self.ctx = zmq.asyncio.Context()
@@ -162,6 +163,7 @@ class Router:
         prefill = pick_prefill(self._loads("prefill"))
         if prefill is None:
             raise Unavailable("no live prefill worker")
+        self.assigned[prefill] = self.assigned.get(prefill, 0) + 1
         req = RouterRequest(request_id, prompt_token_ids, sampling, asyncio.Queue(), prefill)
         self.requests[request_id] = req
         self._send(prefill, Prefill(request_id, prompt_token_ids, sampling))
@@ -287,6 +289,7 @@ class Router:
         first = req.first
         assert first is not None
         req.decode = decode_worker
+        self.assigned[decode_worker] = self.assigned.get(decode_worker, 0) + 1
         req.retry_at = 0.0
         req.transfer_id = next(self._transfer_ids)
         self._send(
@@ -381,6 +384,7 @@ class Router:
                 num_running=running.get(w.instance, 0),
                 num_free_blocks=w.registration.stats.num_free_blocks,
                 pending_blocks=pending.get(w.instance, 0),
+                assigned_total=self.assigned.get(w.instance, 0),
             )
             for w in self.workers.values()
             if w.role == role

@@ -73,7 +73,8 @@ class Worker:
     # Loop ---------------------------------------------------------------------------------
 
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop())
         log.info("%s %s serving; router at %s", self.role, self.instance, self.sock.LAST_ENDPOINT)
         try:
             while not self.stopping:
@@ -117,14 +118,7 @@ class Worker:
                 model=self.model_name,
                 max_model_len=self.engine.max_model_len,
                 kv_endpoint=self.kv_host.endpoint if self.kv_host else {},
-                stats=WorkerStats(
-                    num_running=s["num_running"],
-                    num_waiting=s["num_waiting"],
-                    num_free_blocks=s["num_free_blocks"],
-                    num_blocks=s["num_blocks"],
-                    queued_tokens=s["queued_tokens"],
-                    num_preemptions=s["num_preemptions"],
-                ),
+                stats=WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__}),
             )
         )
 

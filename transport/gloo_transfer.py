@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from datetime import timedelta
 
@@ -33,7 +34,7 @@ from transport.kv_transfer import (
 logger = logging.getLogger(__name__)
 
 SENDER_RANK, HOST_RANK = 0, 1
-POLL = timedelta(milliseconds=200)
+IDLE_WAIT = timedelta(hours=1)
 
 
 def _tag(transfer_id: int) -> int:
@@ -54,6 +55,16 @@ def _make_group(backend: str, store: dist.Store, rank: int, timeout_s: float) ->
 
 def _pair_prefix(src: str, dst: str, generation: int) -> str:
     return f"{src}->{dst}/{generation}"
+
+
+def _message_key(src: str, seq: int) -> str:
+    return f"{src}/msg/{seq}"
+
+
+def _post(store: dist.Store, src: str, *fields: object) -> None:
+    """Appends to src's message log: "join,gen,timeout_s" | "send,gen,transfer_id,n" | "close"."""
+    seq = int(store.add(f"{src}/seq", 1)) - 1
+    store.set(_message_key(src, seq), ",".join(str(f) for f in fields))
 
 
 class P2PPoolHost:
@@ -127,57 +138,49 @@ class P2PPoolHost:
         self._closed.set()
         self._transfers.fail_all(f"KV pool of {self.instance} closed")
         with self._links_lock:
-            threads = list(self._links.values())
-        for thread in threads:
-            thread.join(timeout=2 * POLL.total_seconds())
+            links = dict(self._links)
+        for src in links:
+            _post(self._store, src, "close")
+        for thread in links.values():
+            thread.join(timeout=1.0)
 
     # -- the receiving side of one peer ----------------------------------------------------
 
-    def _generation(self, src: str) -> int:
-        return int(self._store.add(f"{src}/gen", 0))
-
     def _serve_peer(self, src: str) -> None:
-        joined = 0
-        while not self._closed.is_set():
-            generation = self._generation(src)
-            if generation <= joined:
-                self._wait_key(f"{src}/join/{joined + 1}")
-                continue
-            joined = generation
-            prefix = _pair_prefix(src, self.instance, generation)
-            try:
-                group = _make_group(
-                    self.backend,
-                    dist.PrefixStore(prefix, self._store),
-                    HOST_RANK,
-                    self.connect_timeout_s,
-                )
-            except Exception as e:  # a sender that gave up: wait for its next generation
-                logger.warning("[decode %s] joining %s failed: %s", self.instance, prefix, e)
-                continue
-            logger.info("[decode %s] KV link %s up", self.instance, prefix)
-            self._receive(src, group, prefix, generation)
+        group: dist.ProcessGroup | None = None
+        generation = 0
+        for fields in self._messages(src):
+            if fields[0] == "close":
+                return
+            if fields[0] == "join":
+                group, generation = None, int(fields[1])
+                prefix = _pair_prefix(src, self.instance, generation)
+                try:
+                    store = dist.PrefixStore(prefix, self._store)
+                    group = _make_group(self.backend, store, HOST_RANK, float(fields[2]))
+                    logger.info("[decode %s] KV link %s up", self.instance, prefix)
+                except Exception as e:  # a sender that gave up: it posts a new join
+                    logger.warning("[decode %s] joining %s failed: %s", self.instance, prefix, e)
+            elif fields[0] == "send":
+                link_generation, transfer_id, num_blocks = (int(x) for x in fields[1:])
+                if group is None or link_generation != generation:
+                    self._transfers.fail(transfer_id, f"transfer {transfer_id}: link is down")
+                elif not self._receive_one(src, group, transfer_id, num_blocks):
+                    group = None  # a failed wait poisons the group; the sender rebuilds it
 
-    def _wait_key(self, key: str) -> bool:
-        try:
-            self._store.wait([key], POLL)
-            return True
-        except Exception:  # a timeout: the caller re-checks closed / generation
-            return False
-
-    def _receive(self, src: str, group: dist.ProcessGroup, prefix: str, generation: int) -> None:
+    def _messages(self, src: str) -> Iterator[list[str]]:
+        """The peer's message log in the store, in order; waits never time out while idle."""
         seq = 0
         while not self._closed.is_set():
-            key = f"{prefix}#msg/{seq}"
-            if not self._wait_key(key):
-                if self._generation(src) != generation:
-                    return  # the sender rebuilt the link
-                continue
-            transfer_id, num_blocks = (int(x) for x in self._store.get(key).decode().split(","))
+            key = _message_key(src, seq)
+            try:
+                self._store.wait([key], IDLE_WAIT)
+            except Exception:
+                continue  # idle for IDLE_WAIT: keep waiting
+            fields = self._store.get(key).decode().split(",")
             self._store.delete_key(key)
             seq += 1
-            if not self._receive_one(src, group, transfer_id, num_blocks):
-                return
+            yield fields
 
     def _receive_one(
         self, src: str, group: dist.ProcessGroup, transfer_id: int, num_blocks: int
@@ -211,11 +214,10 @@ class P2PPoolHost:
 
 
 class _SendLink:
-    def __init__(self, store: dist.TCPStore, group: dist.ProcessGroup, prefix: str) -> None:
+    def __init__(self, store: dist.TCPStore, group: dist.ProcessGroup, generation: int) -> None:
         self.store = store
         self.group = group
-        self.prefix = prefix
-        self.seq = 0
+        self.generation = generation
 
 
 class P2PSender:
@@ -238,11 +240,11 @@ class P2PSender:
             timeout=timedelta(seconds=timeout_s),
         )
         generation = int(store.add(f"{self.instance}/gen", 1))
-        store.set(f"{self.instance}/join/{generation}", "1")
+        _post(store, self.instance, "join", generation, timeout_s)
         prefix = _pair_prefix(self.instance, str(endpoint["instance"]), generation)
         group = _make_group(backend, dist.PrefixStore(prefix, store), SENDER_RANK, timeout_s)
         logger.info("[prefill %s] KV link %s up", self.instance, prefix)
-        return _SendLink(store, group, prefix)
+        return _SendLink(store, group, generation)
 
     def send(
         self,
@@ -281,8 +283,7 @@ class P2PSender:
     ) -> None:
         # [num_layers, 2, n, block_size, num_kv_heads, head_dim], contiguous
         blocks = self.pool.index_select(2, block_index(src_block_ids, self.pool.device))
-        link.store.set(f"{link.prefix}#msg/{link.seq}", f"{transfer_id},{len(src_block_ids)}")
-        link.seq += 1
+        _post(link.store, self.instance, "send", link.generation, transfer_id, len(src_block_ids))
         remaining = max(deadline - time.monotonic(), 0.001)
         link.group.send([blocks], HOST_RANK, _tag(transfer_id)).wait(
             timedelta(seconds=remaining)

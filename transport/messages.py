@@ -40,6 +40,7 @@ class WorkerStats(msgspec.Struct, frozen=True):
     num_blocks: int
     queued_tokens: int
     num_preemptions: int
+    requests_total: int
 
 
 class Register(msgspec.Struct, tag=True, frozen=True):
