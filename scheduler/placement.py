@@ -1,5 +1,6 @@
-"""Which worker takes a request: the least-loaded live prefill worker by queued prompt tokens, and
-the decode worker with the most free KV blocks left after what it has already been promised.
+"""Which worker takes a request: the live prefill worker with the fewest queued prompt tokens,
+and the live decode worker with room for the KV that decodes the fewest requests, then has the
+most free blocks left after what it has been promised.
 
 Pure functions over plain data; the router fills `WorkerLoad` from heartbeats and its own books.
 """

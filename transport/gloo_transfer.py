@@ -147,17 +147,21 @@ class P2PPoolHost:
     # -- the receiving side of one peer ----------------------------------------------------
 
     def _serve_peer(self, src: str) -> None:
+        # Its own client: a client blocked in wait() holds its socket, and this one waits for hours.
+        store = dist.TCPStore(
+            str(self.endpoint["host"]), self._store.port, is_master=False, wait_for_workers=False
+        )
         group: dist.ProcessGroup | None = None
         generation = 0
-        for fields in self._messages(src):
+        for fields in self._messages(store, src):
             if fields[0] == "close":
                 return
             if fields[0] == "join":
                 group, generation = None, int(fields[1])
                 prefix = _pair_prefix(src, self.instance, generation)
                 try:
-                    store = dist.PrefixStore(prefix, self._store)
-                    group = _make_group(self.backend, store, HOST_RANK, float(fields[2]))
+                    pair_store = dist.PrefixStore(prefix, store)
+                    group = _make_group(self.backend, pair_store, HOST_RANK, float(fields[2]))
                     logger.info("[decode %s] KV link %s up", self.instance, prefix)
                 except Exception as e:  # a sender that gave up: it posts a new join
                     logger.warning("[decode %s] joining %s failed: %s", self.instance, prefix, e)
@@ -168,17 +172,17 @@ class P2PPoolHost:
                 elif not self._receive_one(src, group, transfer_id, num_blocks):
                     group = None  # a failed wait poisons the group; the sender rebuilds it
 
-    def _messages(self, src: str) -> Iterator[list[str]]:
+    def _messages(self, store: dist.TCPStore, src: str) -> Iterator[list[str]]:
         """The peer's message log in the store, in order; waits never time out while idle."""
         seq = 0
         while not self._closed.is_set():
             key = _message_key(src, seq)
             try:
-                self._store.wait([key], IDLE_WAIT)
+                store.wait([key], IDLE_WAIT)
             except Exception:
                 continue  # idle for IDLE_WAIT: keep waiting
-            fields = self._store.get(key).decode().split(",")
-            self._store.delete_key(key)
+            fields = store.get(key).decode().split(",")
+            store.delete_key(key)
             seq += 1
             yield fields
 
@@ -193,7 +197,9 @@ class P2PPoolHost:
                 timedelta(seconds=self.data_timeout_s)
             )
         except Exception as e:
-            logger.warning("[decode %s] recv of transfer %d failed: %s", self.instance, transfer_id, e)
+            logger.warning(
+                "[decode %s] recv of transfer %d failed: %s", self.instance, transfer_id, e
+            )
             self._transfers.fail(transfer_id, f"receiving transfer {transfer_id} failed: {e}")
             return False
         with self._scatter_lock:
@@ -285,9 +291,7 @@ class P2PSender:
         blocks = self.pool.index_select(2, block_index(src_block_ids, self.pool.device))
         _post(link.store, self.instance, "send", link.generation, transfer_id, len(src_block_ids))
         remaining = max(deadline - time.monotonic(), 0.001)
-        link.group.send([blocks], HOST_RANK, _tag(transfer_id)).wait(
-            timedelta(seconds=remaining)
-        )
+        link.group.send([blocks], HOST_RANK, _tag(transfer_id)).wait(timedelta(seconds=remaining))
 
     def close(self) -> None:
         with self._lock:

@@ -46,6 +46,21 @@ class KVPoolHost(Protocol):
     def close(self) -> None: ...
 
 
+class BlockSender(Protocol):
+    """One transport's sending side; KVSender picks it by the endpoint's kind."""
+
+    def send(
+        self,
+        transfer_id: int,
+        endpoint: Endpoint,
+        src_block_ids: list[int],
+        dst_block_ids: list[int],
+        timeout_s: float,
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Transfers:
     """The transfers a host expects, by id: each a target block list and the future to complete."""
 
@@ -166,6 +181,22 @@ def create_pool_host(
     raise KVTransferError(f"unknown KV transport {kind!r}; choose one of {', '.join(KINDS)}")
 
 
+def _make_sender(kind: str, pool: torch.Tensor, instance: str) -> BlockSender:
+    if kind == "shm":
+        from transport.shm_transfer import ShmSender
+
+        return ShmSender(pool, instance)
+    if kind in ("gloo", "nccl"):
+        from transport.gloo_transfer import P2PSender
+
+        return P2PSender(pool, instance)
+    if kind == "cuda_ipc":
+        from transport.cuda_ipc_transfer import CudaIpcSender
+
+        return CudaIpcSender(pool, instance)
+    raise KVTransferError(f"unknown KV endpoint kind {kind!r}")
+
+
 class KVSender:
     """Prefill side: copies blocks of its pool into peers' pools, keeping one link per peer."""
 
@@ -173,21 +204,13 @@ class KVSender:
         self.pool = pool
         self.instance = instance
         self._lock = threading.Lock()
-        self._by_kind: dict[str, object] = {}
+        self._by_kind: dict[str, BlockSender] = {}
 
-    def _sender(self, kind: str):
+    def _sender(self, kind: str) -> BlockSender:
         with self._lock:
             sender = self._by_kind.get(kind)
             if sender is None:
-                if kind == "shm":
-                    from transport.shm_transfer import ShmSender as cls
-                elif kind in ("gloo", "nccl"):
-                    from transport.gloo_transfer import P2PSender as cls
-                elif kind == "cuda_ipc":
-                    from transport.cuda_ipc_transfer import CudaIpcSender as cls
-                else:
-                    raise KVTransferError(f"unknown KV endpoint kind {kind!r}")
-                sender = self._by_kind[kind] = cls(self.pool, self.instance)
+                sender = self._by_kind[kind] = _make_sender(kind, self.pool, self.instance)
             return sender
 
     def send(

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from transport.kv_transfer import KVSender, KVTransferError, create_pool_host
+from transport.messages import SendKV, decode, encode
 from transport.shm_transfer import SHM_DIR, remove_stale_segments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +30,7 @@ TIMEOUT = 20.0
 # answers commands on stdin. One JSON object per line each way.
 PEER = r"""
 import json, sys, threading, torch
+from transport.messages import SendKV, decode, encode
 from transport.kv_transfer import KVSender, create_pool_host
 
 def pool(seed, shape):
@@ -144,6 +146,11 @@ def assert_only_blocks_changed(
     assert after[:, :, dst].numel() * after.element_size() == len(dst) * BLOCK_NUMEL * 4
 
 
+def assert_endpoint_travels(endpoint: dict) -> None:
+    message = SendKV("r", "decode-0", endpoint, [1], 1)
+    assert decode(encode(message)).kv_endpoint == endpoint
+
+
 def send_args(endpoint: dict, seed: int, transfers: list, timeout: float = 10.0) -> dict:
     return {
         "shape": SHAPE,
@@ -212,6 +219,7 @@ def test_shm_cancel_and_close_fail_futures() -> None:
     host.close()
     with pytest.raises(KVTransferError):
         pending.result(timeout=1)
+    assert_endpoint_travels(host.endpoint)
     sender = KVSender(seeded_pool(0), "prefill-0")
     with pytest.raises(KVTransferError, match="gone"):
         sender.send(3, host.endpoint, [0], [0])
@@ -266,6 +274,7 @@ def test_gloo_cancel_fails_future() -> None:
         with pytest.raises(KVTransferError, match="cancelled"):
             future.result(timeout=1)
         assert host.expect(2, "prefill-9", []).result(timeout=1) is None
+        assert_endpoint_travels(host.endpoint)
     finally:
         host.close()
 
@@ -278,7 +287,7 @@ def test_cuda_ipc_roundtrip_in_process() -> None:
     try:
         # Opening an export in its own process is refused by CUDA; check the endpoint's shape.
         assert host.endpoint["kind"] == "cuda_ipc"
-        json.dumps(host.endpoint)
+        assert_endpoint_travels(host.endpoint)
         future = host.expect(1, "prefill-0", [0])
         host.mark_sent(1)
         future.result(timeout=1)
