@@ -328,6 +328,7 @@ class Router:
 
     def _on_kv_sent(self, req: RouterRequest, msg: KVSent) -> None:
         if msg.error is not None:
+            req.phase = "decoding"  # the copy is over: the decode worker may free its blocks
             self._finish(req, Unavailable(f"KV transfer failed: {msg.error}"))
             return
         req.phase = "decoding"
