@@ -1,5 +1,5 @@
 """The router's HTTP server: native `/generate`, the OpenAI API, `/health` and `/stats`, with
-every error type mapped to its status code here, in one place.
+every error type mapped to its status code by `server.http_errors`.
 """
 
 from __future__ import annotations
@@ -7,16 +7,12 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from engine.sequence import InvalidRequestError
 from server.generate_api import generate_routes
-from server.generation import Overloaded, Unavailable
-from server.http_errors import error_response, validation_message
+from server.http_errors import MAPPED_ERRORS, error_response, exception_response
 from server.openai_api import openai_routes
 from server.router import Router
-from server.streaming import error_payload, error_status
 
 PROTECTED_PREFIXES = ("/v1/", "/generate")
 
@@ -52,16 +48,10 @@ def create_app(router: Router, api_key: str | None = None) -> FastAPI:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, validation_message(exc.errors()), "invalid_request_error")
-
     async def _mapped(_: Request, exc: Exception) -> JSONResponse:
-        status, _kind = error_status(exc)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
-        return JSONResponse(status_code=status, content=error_payload(exc), headers=headers)
+        return exception_response(exc)
 
-    for exc_type in (InvalidRequestError, Overloaded, Unavailable):
+    for exc_type in MAPPED_ERRORS:
         app.add_exception_handler(exc_type, _mapped)
 
 

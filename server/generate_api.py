@@ -11,8 +11,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from server.generation import GenerationBackend
-from server.http_errors import parse_body
-from server.streaming import error_payload, first_then_rest, until_disconnected
+from server.http_errors import error_payload, parse_body
+from server.streaming import first_then_rest, until_disconnected
 from transport.messages import SamplingSpec, TokenOutput
 
 

@@ -1,5 +1,5 @@
 """Plumbing shared by the HTTP APIs: surface refusals before a response starts, stop and abort
-a request when its client goes away, and describe a failure as the error JSON.
+a request when its client goes away.
 """
 
 from __future__ import annotations
@@ -8,9 +8,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-
-from engine.sequence import InvalidRequestError
-from server.generation import Overloaded, Unavailable
 
 DISCONNECT_POLL_S = 0.1
 
@@ -53,18 +50,3 @@ async def until_disconnected(outputs: AsyncIterator, request: Request) -> AsyncI
 async def _wait_for_disconnect(request: Request) -> None:
     while not await request.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_S)
-
-
-def error_status(exc: BaseException) -> tuple[int, str]:
-    if isinstance(exc, InvalidRequestError):
-        return 400, "invalid_request_error"
-    if isinstance(exc, Overloaded):
-        return 429, "rate_limit_error"
-    if isinstance(exc, Unavailable):
-        return 503, "service_unavailable"
-    return 500, "internal_error"
-
-
-def error_payload(exc: BaseException) -> dict:
-    _, kind = error_status(exc)
-    return {"error": {"message": str(exc) or type(exc).__name__, "type": kind}}

@@ -165,8 +165,11 @@ class Worker:
             self._send(KVSent(msg.request_id, error=str(exc)))
             return
         assert self.kv_sender is not None, "a prefill worker has a KV sender"
+        # The decode side also reserved room for the first token, which may need one more
+        # block than the prompt's KV fills; only the prompt's blocks are copied.
+        dst = msg.dst_block_ids[: len(src)]
         future = self._copier.submit(
-            self.kv_sender.send, msg.transfer_id, msg.kv_endpoint, src, msg.dst_block_ids
+            self.kv_sender.send, msg.transfer_id, msg.kv_endpoint, src, dst
         )
         future.add_done_callback(
             lambda f, rid=msg.request_id: self._copies_done.put((rid, _error_text(f)))

@@ -69,6 +69,16 @@ def test_greedy_outputs_equal_offline_engine(name, offline, request):
         assert body["token_ids"] == want
         assert body["finish_reason"] == "length"
         assert body["usage"]["completion_tokens"] == 24
+    # Prompts that fill their last KV block exactly (the first token needs a new block).
+    for length in (16, 32):
+        ids = list(range(100, 100 + length))
+        want = offline.generate([ids], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
+        resp = httpx.post(
+            f"{deployment.url}/generate", timeout=60,
+            json={"prompt_token_ids": ids, "max_tokens": 8, "temperature": 0},
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["token_ids"] == want
     deployment.wait_idle()
 
 
