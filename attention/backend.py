@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attention.remote import RemoteStep
+
 
 @dataclass
 class AttentionMetadata:
@@ -29,6 +31,8 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor  # [D] int32, including the new token
     decode_block_tables: torch.Tensor  # [D, max_blocks] int32
     decode_max_seq_len: int
+    # Offloaded decodes, after every local token: their attention runs on executors.
+    remote: RemoteStep | None = None
 
     @property
     def num_prefills(self) -> int:

@@ -79,8 +79,11 @@ class Batcher:
 
     def _make_room(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """Ensures `seq` has blocks for all its tokens, preempting later sequences if needed."""
+        if seq.executor:
+            return True  # its KV grows in the executor's pool
         while not self.blocks.can_append(seq):
-            victim = self.running[-1]
+            # Offloaded sequences hold no blocks here: preempting them would free nothing.
+            victim = next(s for s in reversed(self.running) if not s.executor)
             self._preempt(victim)
             batch.preempted.append(victim)
             if victim is seq:
@@ -100,9 +103,10 @@ class Batcher:
     def _admit_prefilled(self, scheduled: list[tuple[Sequence, int]], budget: int) -> int:
         while self.prefilled and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.prefilled[0]
-            if not self.blocks.can_append(seq):
-                break
-            self.blocks.append_slots(seq)
+            if not seq.executor:
+                if not self.blocks.can_append(seq):
+                    break
+                self.blocks.append_slots(seq)
             self.prefilled.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

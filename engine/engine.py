@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from attention.remote import RemoteAttention, RemoteAttentionError
 from engine.batcher import Batcher
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.kv_cache import BlockManager, OutOfBlocksError
@@ -47,13 +48,21 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, kv_pool_factory: KVPoolFactory | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv_pool_factory: KVPoolFactory | None = None,
+        remote: RemoteAttention | None = None,
+    ) -> None:
         self.model_dir: Path | None = resolve_model(config.model)
         self.model_config = ModelConfig.from_model_dir(self.model_dir)
         config = self._fit_max_model_len(config)
         self.config = config
         self.tokenizer = Tokenizer(self.model_dir)
-        self.runner = ModelRunner(config, self.model_config, self.model_dir, kv_pool_factory)
+        self.remote = remote
+        self.runner = ModelRunner(
+            config, self.model_config, self.model_dir, kv_pool_factory, remote
+        )
         if self.runner.num_blocks * config.cache.block_size < config.batch.max_model_len:
             raise ConfigError(
                 f"the KV cache ({self.runner.num_blocks} blocks of {config.cache.block_size}) "
@@ -72,6 +81,8 @@ class LLMEngine:
         self.batcher = Batcher(config.batch, self.block_manager)
         self.requests: dict[str, Sequence] = {}
         self.requests_total = 0
+        # Offloaded requests that ended because their executor failed: (request id, reason).
+        self.failed: list[tuple[str, str]] = []
         self._seed_source = random.Random(config.seed)
 
     def _fit_max_model_len(self, config: EngineConfig) -> EngineConfig:
@@ -127,8 +138,13 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
-        self.batcher.finish(seq, FinishReason.ABORT)
+        self._finish(seq, FinishReason.ABORT)
         return True
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.batcher.finish(seq, reason)
+        if seq.executor and self.remote is not None:
+            self.remote.release(seq.executor, seq.request_id)
 
     def has_unfinished(self) -> bool:
         return self.batcher.has_unfinished()
@@ -137,7 +153,13 @@ class LLMEngine:
         batch = self.batcher.schedule()
         if not batch:
             return []
-        result = self.runner.execute(batch)
+        try:
+            result = self.runner.execute(batch)
+        except RemoteAttentionError as exc:
+            # Nothing of this step was committed: drop the executor's requests, and the rest
+            # simply run again next step.
+            self._fail_offloaded(exc.executor, str(exc))
+            return []
         for seq, num_new in batch.entries:
             seq.num_computed_tokens += num_new
             self.block_manager.commit_computed_blocks(seq)
@@ -169,7 +191,7 @@ class LLMEngine:
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            self.batcher.finish(seq, reason)
+            self._finish(seq, reason)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         finished = seq.is_finished
@@ -227,15 +249,10 @@ class LLMEngine:
         text_sent: int,
     ) -> list[int]:
         """Reserves fresh blocks for a request prefilled elsewhere; returns its block table."""
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_token_ids, params, generator=self._generator(params))
-        if generator_state is not None and seq.generator is not None:
-            seq.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
-        seq.append_token(first_token, first_logprob)
-        seq.text = self.tokenizer.decode(seq.output_token_ids)
-        seq.text_sent = text_sent
-        seq.tokens_sent = 1
+        seq = self._continued(
+            request_id, prompt_token_ids, first_token, first_logprob, params, generator_state,
+            text_sent,
+        )  # fmt: skip
         if not self.block_manager.can_allocate(seq, use_prefix_cache=False):
             raise OutOfBlocksError(f"no free KV blocks for {request_id} on this decode worker")
         self.block_manager.allocate(seq, use_prefix_cache=False)
@@ -251,6 +268,57 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.commit_computed_blocks(seq)
         self.batcher.add_prefilled(seq)
+
+    def start_offloaded(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        first_logprob: float | None,
+        params: SamplingParams,
+        generator_state: bytes | None,
+        text_sent: int,
+        executor: str,
+    ) -> None:
+        """Decodes a request whose KV an attention executor holds; no block is reserved here."""
+        seq = self._continued(
+            request_id, prompt_token_ids, first_token, first_logprob, params, generator_state,
+            text_sent,
+        )  # fmt: skip
+        seq.executor = executor
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RESERVED
+        self.requests[request_id] = seq
+        self.requests_total += 1
+        self.batcher.add_prefilled(seq)
+
+    def _continued(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        first_logprob: float | None,
+        params: SamplingParams,
+        generator_state: bytes | None,
+        text_sent: int,
+    ) -> Sequence:
+        """A sequence picking up where a prefill worker stopped: its first token sampled (and
+        partly reported), its sampler's random state carried over."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_token_ids, params, generator=self._generator(params))
+        if generator_state is not None and seq.generator is not None:
+            seq.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+        seq.append_token(first_token, first_logprob)
+        seq.text = self.tokenizer.decode(seq.output_token_ids)
+        seq.text_sent, seq.tokens_sent = text_sent, 1
+        return seq
+
+    def _fail_offloaded(self, executor: str, reason: str) -> None:
+        for seq in list(self.requests.values()):
+            if seq.executor == executor:
+                self.abort(seq.request_id)
+                self.failed.append((seq.request_id, reason))
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -62,7 +62,17 @@ class SelfAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q, k, v = self.qkv(hidden, positions, rope)
-        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
+        remote = meta.remote
+        if remote is None:
+            out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
+            return self.o_proj(out.reshape(hidden.shape[0], -1))
+        # Offloaded rows go out first so their executors work while local attention runs.
+        n = remote.num_local_tokens
+        remote.send(self.layer_idx, q[n:], k[n:], v[n:])
+        out = torch.empty_like(q)
+        if n:
+            out[:n] = backend.forward(q[:n], k[:n], v[:n], kv_cache[0], kv_cache[1], meta)
+        out[n:] = remote.receive(self.layer_idx)
         return self.o_proj(out.reshape(hidden.shape[0], -1))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from attention.backend import AttentionBackend, AttentionMetadata
+from attention.remote import RemoteAttention
 from attention.selector import select_backend
 from engine.batcher import ScheduledBatch
 from engine.config import EngineConfig, ModelConfig, parse_dtype
@@ -43,7 +44,9 @@ class ModelRunner:
         model_config: ModelConfig,
         model_dir: Path | None,
         kv_pool_factory: KVPoolFactory | None = None,
+        remote: RemoteAttention | None = None,
     ):
+        self.remote = remote
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
@@ -140,16 +143,20 @@ class ModelRunner:
         prefill_tables: list[list[int]] = []
         decode_seq_lens: list[int] = []
         decode_tables: list[list[int]] = []
-        for seq, num_new in batch.entries:
+        offloaded: dict[str, list[tuple[str, int]]] = {}
+        for seq, num_new in self._row_order(batch):
             start = seq.num_computed_tokens
             end = start + num_new
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if end == seq.num_tokens:
                 logit_rows.append(len(input_ids) - 1)
                 sampling.append(seq)
+            if seq.executor:
+                offloaded.setdefault(seq.executor, []).append((seq.request_id, start))
+                continue
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if num_new > 1:
                 prefill_query_lens.append(num_new)
                 prefill_seq_lens.append(end)
@@ -177,6 +184,9 @@ class ModelRunner:
             decode_block_tables=self._pad_tables(decode_tables),
             decode_max_seq_len=max(decode_seq_lens, default=0),
         )
+        if offloaded:
+            assert self.remote is not None, "offloaded sequences need a remote attention client"
+            meta.remote = self.remote.begin_step(len(slots), list(offloaded.items()))
         return (
             ints(input_ids, torch.int64),
             ints(positions, torch.int64),
@@ -184,6 +194,13 @@ class ModelRunner:
             ints(logit_rows, torch.int64),
             sampling,
         )
+
+    @staticmethod
+    def _row_order(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """Prompt chunks, local decodes, then offloaded decodes grouped by executor."""
+        local = [e for e in batch.entries if not e[0].executor]
+        remote = sorted((e for e in batch.entries if e[0].executor), key=lambda e: e[0].executor)
+        return local + remote
 
     def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
         width = max((len(t) for t in tables), default=0)

@@ -89,6 +89,8 @@ class Sequence:
     num_preemptions: int = 0
     # Stop after the first token and hold the KV for a decode worker.
     handoff: bool = False
+    # Offloaded: the attention executor holding this request's KV; none is kept here.
+    executor: str = ""
     finish_reason: FinishReason | None = None
     # Detokenized output and how much of it has been reported to the caller.
     text: str = ""

@@ -1,8 +1,8 @@
 """`adrenaline bench`: a serving benchmark client in the manner of `vllm bench serve`.
 
 Sends streamed requests on a Poisson schedule, times each chunk, and reports throughput,
-TTFT/TPOT/ITL/E2EL percentiles and goodput. The schedule, the bodies and the aggregation are
-pure functions; `benchmark` is the one async driver.
+TTFT/TPOT/ITL/E2EL percentiles and goodput (aggregated in `server.bench_metrics`). The schedule
+and the bodies are pure functions; `benchmark` is the one async driver.
 """
 
 from __future__ import annotations

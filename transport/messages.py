@@ -3,8 +3,8 @@
 Messages are msgspec Structs encoded as msgpack with a tag naming the type; nothing that crosses
 a socket is ever unpickled. Tensors never travel here: KV moves on the data plane.
 
-A request's life (router R, prefill worker P, decode worker D); workers send `Register` as a
-heartbeat:
+A request's life (router R, prefill worker P, decode worker D, attention executor E beside P);
+workers send `Register` as a heartbeat:
   R -> P  Prefill          P computes the prompt, samples the first token, holds its KV
   P -> R  TokenOutput      the first token (finished here if it already ends the request)
   R -> D  ReserveDecode    D reserves blocks for the prompt's KV
@@ -13,6 +13,10 @@ heartbeat:
   P -> R  KVSent           the copy is complete
   R -> D  StartDecode      D starts decoding from the first token
   D -> R  TokenOutput      every later token, the last with a finish reason
+
+An offloaded request reserves, receives and keeps its KV in E's pool instead (ReserveDecode to
+E, SendKV to P with E's endpoint, StartDecode to E), then R sends D a ReserveDecode naming E;
+D decodes it in its batch and, every step, sends E an AttentionStep and per-layer tensors.
 """
 
 from __future__ import annotations
@@ -51,9 +55,14 @@ class Register(msgspec.Struct, tag=True, frozen=True):
     pid: int
     model: str
     max_model_len: int
-    # Where a prefill worker reaches this decode worker's KV pool (see transport.kv_transfer).
+    # Where a prefill worker reaches this worker's KV pool (see transport.kv_transfer): a decode
+    # worker's pool, or an attention executor's offload pool.
     kv_endpoint: dict[str, str | int]
     stats: WorkerStats
+    # Attention executors only: the prefill worker it shares a device with, and the ZeroMQ
+    # address decode workers send step plans to.
+    colocated_with: str = ""
+    attention_address: str = ""
 
 
 class Prefill(msgspec.Struct, tag=True, frozen=True):
@@ -87,6 +96,10 @@ class ReserveDecode(msgspec.Struct, tag=True, frozen=True):
     generator_state: bytes | None
     prefill_instance: str
     transfer_id: int
+    # Set for an offloaded request: its KV lives in this attention executor's pool, the decode
+    # worker keeps none and starts at once.
+    executor: str = ""
+    executor_address: str = ""
 
 
 class DecodeReserved(msgspec.Struct, tag=True, frozen=True):
@@ -126,6 +139,27 @@ class Shutdown(msgspec.Struct, tag=True, frozen=True):
     pass
 
 
+# Between a decode worker and an attention executor, directly (not through the router).
+
+
+class AttachLink(msgspec.Struct, tag=True, frozen=True):
+    """A decode worker's per-layer channel to this executor (transport.attention_channel)."""
+
+    decode_instance: str
+    link: dict[str, str | int]
+
+
+class AttentionStep(msgspec.Struct, tag=True, frozen=True):
+    """Sent once per decode step, ahead of it: which offloaded requests take part, in row order,
+    and the position each one's new token lands at. Per layer, only tensors move."""
+
+    decode_instance: str
+    step_id: int
+    request_ids: list[str]
+    positions: list[int]
+    released: list[str]  # requests this decode worker finished or dropped since the last step
+
+
 Message = (
     Register
     | Prefill
@@ -138,6 +172,8 @@ Message = (
     | Abort
     | RequestError
     | Shutdown
+    | AttachLink
+    | AttentionStep
 )
 
 _encoder = msgspec.msgpack.Encoder()

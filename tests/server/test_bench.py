@@ -20,12 +20,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.bench import (
-    RequestRecord,
     add_bench_parser,
-    aggregate,
     arrival_times,
     decode_line,
-    format_table,
     request_body,
     run_bench,
 )
@@ -37,6 +34,7 @@ from server.bench_datasets import (
     sharegpt_requests,
     synthetic_requests,
 )
+from server.bench_metrics import RequestRecord, aggregate, format_table
 
 # ---------------------------------------------------------------- pure parts
 

@@ -1,0 +1,127 @@
+"""The decode worker's side of offloaded attention: one link per attention executor, a step plan
+sent ahead of each step over ZeroMQ, and per layer only tensors and counters (shared memory).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import zmq
+
+from attention.remote import RemoteAttentionError
+from transport.attention_channel import ChannelTimeout, DecodeSideLink, StepRefused
+from transport.messages import AttachLink, AttentionStep, encode
+
+log = logging.getLogger(__name__)
+
+LAYER_TIMEOUT_S = 5.0
+
+
+class ExecutorConnection:
+    def __init__(self, ctx: zmq.Context, address: str, link: DecodeSideLink) -> None:
+        self.address = address
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.link = link
+        self.released: list[str] = []
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.link.close()
+
+
+class OffloadStep:
+    """One decode step's offloaded rows, [num_local_tokens, end), grouped by executor."""
+
+    def __init__(
+        self,
+        num_local_tokens: int,
+        step_id: int,
+        num_layers: int,
+        groups: list[tuple[str, ExecutorConnection, int]],
+    ) -> None:
+        self.num_local_tokens = num_local_tokens
+        self.step_id = step_id
+        self.num_layers = num_layers
+        self.groups = groups  # (executor, connection, rows)
+
+    def _seq_no(self, layer: int) -> int:
+        return self.step_id * self.num_layers + layer + 1
+
+    def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        start = 0
+        for _, conn, rows in self.groups:
+            end = start + rows
+            conn.link.post(self._seq_no(layer), q[start:end], k[start:end], v[start:end])
+            start = end
+
+    def receive(self, layer: int) -> torch.Tensor:
+        outs = []
+        for executor, conn, rows in self.groups:
+            try:
+                outs.append(
+                    conn.link.collect(self._seq_no(layer), self.step_id, rows, LAYER_TIMEOUT_S)
+                )
+            except (ChannelTimeout, StepRefused) as exc:
+                raise RemoteAttentionError(executor, str(exc)) from exc
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class OffloadClient:
+    def __init__(
+        self, instance: str, num_layers: int, max_rows: int, num_heads: int, num_kv_heads: int,
+        head_dim: int, dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        self.instance = instance
+        self.num_layers = num_layers
+        self.shape = (max_rows, num_heads, num_kv_heads, head_dim, dtype)
+        self.ctx = zmq.Context()
+        self.executors: dict[str, ExecutorConnection] = {}
+        self.step_id = 0
+
+    def connect(self, executor: str, address: str) -> None:
+        conn = self.executors.get(executor)
+        if conn is not None and conn.address == address:
+            return
+        if conn is not None:
+            conn.close()
+        conn = ExecutorConnection(self.ctx, address, DecodeSideLink(*self.shape))
+        conn.sock.send(encode(AttachLink(self.instance, conn.link.endpoint)))
+        self.executors[executor] = conn
+        log.info("offloading attention to %s at %s", executor, address)
+
+    def begin_step(
+        self, num_local_tokens: int, groups: list[tuple[str, list[tuple[str, int]]]]
+    ) -> OffloadStep:
+        self.step_id += 1
+        planned = []
+        for executor, entries in groups:
+            conn = self.executors.get(executor)
+            if conn is None:
+                raise RemoteAttentionError(executor, "not connected")
+            conn.sock.send(
+                encode(
+                    AttentionStep(
+                        decode_instance=self.instance,
+                        step_id=self.step_id,
+                        request_ids=[r for r, _ in entries],
+                        positions=[p for _, p in entries],
+                        released=conn.released,
+                    )
+                )
+            )
+            conn.released = []
+            planned.append((executor, conn, len(entries)))
+        return OffloadStep(num_local_tokens, self.step_id, self.num_layers, planned)
+
+    def release(self, executor: str, request_id: str) -> None:
+        conn = self.executors.get(executor)
+        if conn is not None:
+            conn.released.append(request_id)
+
+    def close(self) -> None:
+        for conn in self.executors.values():
+            conn.close()
+        self.ctx.term()
