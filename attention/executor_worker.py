@@ -25,6 +25,7 @@ from transport.messages import (
     AttentionStep,
     DecodeReserved,
     Register,
+    ReleaseOffloaded,
     ReserveDecode,
     Shutdown,
     StartDecode,
@@ -175,14 +176,15 @@ class ExecutorWorker:
                 self.links[msg.decode_instance] = ExecutorSideLink(msg.link)
             elif isinstance(msg, AttentionStep):
                 self._run_step(msg)
+            elif isinstance(msg, ReleaseOffloaded):
+                for request_id in msg.request_ids:
+                    self._release(request_id)
 
     def _run_step(self, msg: AttentionStep) -> None:
         link = self.links.get(msg.decode_instance)
         if link is None:
             log.error("step from %s, which attached no link", msg.decode_instance)
             return
-        for request_id in msg.released:
-            self._release(request_id)
         layers = self.executor.num_layers
         first_seq = msg.step_id * layers + 1
         self._await_ready(msg.request_ids)

@@ -162,7 +162,8 @@ class LLMEngine:
             return []
         for seq, num_new in batch.entries:
             seq.num_computed_tokens += num_new
-            self.block_manager.commit_computed_blocks(seq)
+            if not seq.executor:
+                self.block_manager.commit_computed_blocks(seq)
         outputs = []
         for seq, token, logprob in result.sampled:
             seq.append_token(token, logprob)

@@ -17,9 +17,12 @@ from engine.config import BatchConfig, CacheConfig, ConfigError, EngineConfig
 from server.bench import add_bench_parser, run_bench
 from server.launcher import run_serve
 from server.roles import (
+    add_attention_flags,
+    add_executor_flags,
     add_router_flags,
     add_worker_flags,
     add_worker_process_flags,
+    run_attention,
     run_router,
     run_worker,
 )
@@ -127,12 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
+    attention = sub.add_parser(
+        "attention", parents=[common],
+        help="start an attention executor beside a prefill worker (same host and device)",
+    )  # fmt: skip
+    add_engine_flags(attention)
+    add_attention_flags(attention)
+
     serve = sub.add_parser(
         "serve", parents=[common], help="start a router, prefill and decode workers here"
     )
     add_engine_flags(serve)
     add_router_flags(serve)
     add_worker_process_flags(serve)
+    add_executor_flags(serve)
+    serve.add_argument(
+        "--no-attention-executor", action="store_true",
+        help="start no executor beside the prefill workers (only the PD baseline runs)",
+    )  # fmt: skip
 
     router = sub.add_parser(
         "router", parents=[common], help="start the router (HTTP API, admission, placement)"
@@ -170,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args, config, sub_parser)
         if args.command == "serve":
             return run_serve(args, sub_parser)
+        if args.command == "attention":
+            return run_attention(args, config)
         return run_worker(args.command, args, config)
     except ConfigError as exc:
         sub_parser.error(str(exc))

@@ -100,18 +100,12 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // workers)
     gpus = _visible_gpus() if args.device == "cuda" else []
     deployment = Deployment()
-    router_argv = (
-        role_command("router")
-        + argv_for_groups(parser, {"router"}, args)
-        + [
-            "--model",
-            model_dir,
-            "--served-model-name",
-            args.served_model_name or args.model,
-            "--block-size",
-            str(args.block_size),
-        ]
-    )
+    executors = not args.no_attention_executor
+    router_argv = role_command("router") + argv_for_groups(parser, {"router", "logging"}, args) + [
+        "--model", model_dir, "--served-model-name", args.served_model_name or args.model,
+        "--block-size", str(args.block_size),
+        "--num-attention", str(args.num_prefill if executors else 0),
+    ]  # fmt: skip
     try:
         deployment.spawn("router", router_argv)
         for i, role in enumerate(["prefill"] * args.num_prefill + ["decode"] * args.num_decode):
@@ -132,6 +126,13 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             )
             env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else None
             deployment.spawn(f"{role}-{index}", argv, env)
+            if role == "prefill" and executors:
+                # Beside its prefill worker: same host, same device.
+                deployment.spawn(f"attention-{index}", role_command("attention") + engine_argv + [
+                    "--router", args.control, "--instance", f"attention-{index}",
+                    "--colocated-with", f"prefill-{index}",
+                    *argv_for_groups(parser, {"attention executor"}, args),
+                ], env)  # fmt: skip
         _stop_on_signals(deployment)
         url = f"http://{args.host}:{args.port}"
         wait_healthy(url, deployment, STARTUP_TIMEOUT_S)

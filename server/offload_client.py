@@ -5,17 +5,19 @@ sent ahead of each step over ZeroMQ, and per layer only tensors and counters (sh
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import zmq
 
 from attention.remote import RemoteAttentionError
 from transport.attention_channel import ChannelTimeout, DecodeSideLink, StepRefused
-from transport.messages import AttachLink, AttentionStep, encode
+from transport.messages import AttachLink, AttentionStep, ReleaseOffloaded, encode
 
 log = logging.getLogger(__name__)
 
-LAYER_TIMEOUT_S = 5.0
+# An executor silent this long on one layer is taken for dead (a layer takes milliseconds).
+LAYER_TIMEOUT_S = 2.0
 
 
 class ExecutorConnection:
@@ -25,7 +27,6 @@ class ExecutorConnection:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
         self.link = link
-        self.released: list[str] = []
 
     def close(self) -> None:
         self.sock.close(0)
@@ -41,7 +42,9 @@ class OffloadStep:
         step_id: int,
         num_layers: int,
         groups: list[tuple[str, ExecutorConnection, int]],
+        on_idle: Callable[[], None] | None,
     ) -> None:
+        self.on_idle = on_idle
         self.num_local_tokens = num_local_tokens
         self.step_id = step_id
         self.num_layers = num_layers
@@ -62,7 +65,9 @@ class OffloadStep:
         for executor, conn, rows in self.groups:
             try:
                 outs.append(
-                    conn.link.collect(self._seq_no(layer), self.step_id, rows, LAYER_TIMEOUT_S)
+                    conn.link.collect(
+                        self._seq_no(layer), self.step_id, rows, LAYER_TIMEOUT_S, self.on_idle
+                    )
                 )
             except (ChannelTimeout, StepRefused) as exc:
                 raise RemoteAttentionError(executor, str(exc)) from exc
@@ -80,6 +85,8 @@ class OffloadClient:
         self.ctx = zmq.Context()
         self.executors: dict[str, ExecutorConnection] = {}
         self.step_id = 0
+        # Called while waiting on an executor: the worker's heartbeat keeps it alive meanwhile.
+        self.on_idle: Callable[[], None] | None = None
 
     def connect(self, executor: str, address: str) -> None:
         conn = self.executors.get(executor)
@@ -108,18 +115,16 @@ class OffloadClient:
                         step_id=self.step_id,
                         request_ids=[r for r, _ in entries],
                         positions=[p for _, p in entries],
-                        released=conn.released,
                     )
                 )
             )
-            conn.released = []
             planned.append((executor, conn, len(entries)))
-        return OffloadStep(num_local_tokens, self.step_id, self.num_layers, planned)
+        return OffloadStep(num_local_tokens, self.step_id, self.num_layers, planned, self.on_idle)
 
     def release(self, executor: str, request_id: str) -> None:
         conn = self.executors.get(executor)
         if conn is not None:
-            conn.released.append(request_id)
+            conn.sock.send(encode(ReleaseOffloaded(self.instance, [request_id])))
 
     def close(self) -> None:
         for conn in self.executors.values():

@@ -10,7 +10,10 @@ import os
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, ModelConfig, parse_dtype
+from engine.model_source import resolve_model
+from engine.runner import kv_block_bytes
+from server.offload_client import OffloadClient
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,15 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on the generation APIs",
     )
     g.add_argument("--served-model-name", default=None)
+    g.add_argument(
+        "--offload-policy",
+        default="none",
+        help="none (PD disaggregation), always, or ratio:R (share R of requests "
+        "decode their attention on the executor beside their prefill worker)",
+    )
+    g.add_argument(
+        "--num-attention", type=int, default=0, help="attention executors /health waits for"
+    )
 
 
 def add_worker_process_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +89,14 @@ def run_router(args: argparse.Namespace) -> int:
 
     from engine.model_source import resolve_model
     from engine.tokenizer import Tokenizer
+    from scheduler.offload_policy import PolicyError, parse_policy
     from server.app import create_app
     from server.router import Router
 
+    try:
+        policy = parse_policy(args.offload_policy)
+    except PolicyError as exc:
+        raise SystemExit(f"adrenaline router: error: --offload-policy: {exc}") from exc
     tokenizer = Tokenizer(resolve_model(args.model))
     router = Router(
         model_name=args.served_model_name or args.model,
@@ -90,6 +107,8 @@ def run_router(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         heartbeat_timeout_s=args.heartbeat_timeout,
         block_size=args.block_size,
+        offload_policy=policy,
+        expect_attention=args.num_attention,
     )
     app = create_app(router, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -111,10 +130,97 @@ def run_worker(role: str, args: argparse.Namespace, config: EngineConfig) -> int
         kv_host = create_pool_host(args.kv_transfer, shape, dtype, device, instance, args.kv_host)
         return kv_host.pool
 
-    engine = LLMEngine(config, kv_pool_factory=pool_factory if role == "decode" else None)
+    offload = None
+    if role == "decode":
+        cfg = ModelConfig.from_model_dir(resolve_model(config.model))
+        offload = OffloadClient(
+            instance, cfg.num_layers, config.batch.max_num_seqs, cfg.num_heads,
+            cfg.num_kv_heads, cfg.head_dim, parse_dtype(config.dtype),
+        )  # fmt: skip
+    engine = LLMEngine(
+        config, kv_pool_factory=pool_factory if role == "decode" else None, remote=offload
+    )
     sender = KVSender(engine.runner.kv_pool, instance) if role == "prefill" else None
     worker = Worker(
-        role, instance, engine, args.router, config.model, kv_host=kv_host, kv_sender=sender
-    )
+        role, instance, engine, args.router, config.model, kv_host=kv_host, kv_sender=sender,
+        offload=offload,
+    )  # fmt: skip
     worker.run()
     return 0
+
+
+def add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("attention executor")
+    g.add_argument(
+        "--offload-blocks",
+        type=int,
+        default=None,
+        help="offload KV pool size in blocks (default: --offload-memory-fraction of "
+        "the GPU, or --offload-kv-gib on CPU)",
+    )
+    g.add_argument(
+        "--offload-memory-fraction",
+        type=float,
+        default=0.3,
+        help="share of the GPU's memory the offload pool takes",
+    )
+    g.add_argument("--offload-kv-gib", type=float, default=0.5, help="offload pool size on CPU")
+
+
+def add_attention_flags(parser: argparse.ArgumentParser) -> None:
+    add_executor_flags(parser)
+    g = parser.add_argument_group("attention")
+    g.add_argument("--router", default="tcp://127.0.0.1:5557", help="the router's control address")
+    g.add_argument("--instance", default=None, help="unique name (default: attention-pid)")
+    g.add_argument(
+        "--colocated-with",
+        required=True,
+        help="instance name of the prefill worker sharing this device",
+    )
+    g.add_argument(
+        "--bind-host", default="127.0.0.1", help="address decode workers reach this executor at"
+    )
+    g.add_argument(
+        "--kv-transfer",
+        choices=["auto", "shm", "cuda_ipc"],
+        default="auto",
+        help="how the colocated prefill worker writes into the offload pool",
+    )
+
+
+def run_attention(args: argparse.Namespace, config: EngineConfig) -> int:
+    from attention.executor import AttentionExecutor
+    from attention.executor_worker import ExecutorWorker
+    from attention.selector import select_backend
+    from transport.kv_transfer import create_pool_host
+
+    torch.set_num_threads(1)  # decode attention is bandwidth-bound; leave the cores to prefill
+    instance = args.instance or f"attention-{os.getpid()}"
+    cfg = ModelConfig.from_model_dir(resolve_model(config.model))
+    device, dtype = torch.device(config.device), parse_dtype(config.dtype)
+    shape = (
+        cfg.num_layers, 2, offload_pool_blocks(args, cfg, config, device, dtype),
+        config.cache.block_size, cfg.num_kv_heads, cfg.head_dim,
+    )  # fmt: skip
+    pool_host = create_pool_host(args.kv_transfer, shape, dtype, device, instance)
+    backend_cls = select_backend(config.attention_backend, device, dtype, config.cache.block_size)
+    backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+    worker = ExecutorWorker(
+        instance, args.colocated_with, AttentionExecutor(pool_host.pool, backend), pool_host,
+        args.router, args.bind_host, config.model, config.batch.max_model_len,
+    )  # fmt: skip
+    worker.run()
+    return 0
+
+
+def offload_pool_blocks(args, cfg: ModelConfig, config: EngineConfig, device, dtype) -> int:
+    if args.offload_blocks is not None:
+        return args.offload_blocks
+    block_bytes = kv_block_bytes(cfg, config.cache.block_size, dtype)
+    if device.type == "cuda":
+        budget = (
+            args.offload_memory_fraction * torch.cuda.get_device_properties(device).total_memory
+        )
+    else:
+        budget = args.offload_kv_gib * (1 << 30)
+    return max(1, int(budget // block_bytes))

@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from engine.sequence import InvalidRequestError, sampling_params
 from engine.tokenizer import Tokenizer
+from scheduler.offload_policy import NeverOffload, OffloadCandidate, OffloadPolicy
 from scheduler.placement import WorkerLoad, pick_decode, pick_prefill
 from server.generation import Overloaded, Unavailable
 from transport.messages import (
@@ -70,11 +71,18 @@ class RouterRequest:
     prefill: str
     phase: str = "prefill"  # prefill -> reserving -> transferring -> decoding -> done
     decode: str | None = None
+    executor: str | None = None  # set when offloaded: it holds the KV, the decode worker none
+    index: int = 0  # arrival order, for the offload policy
     first: TokenOutput | None = None
     transfer_id: int = 0
     reserve_blocks: int = 0
     retry_at: float = 0.0
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
+
+    @property
+    def kv_target(self) -> str | None:
+        """Where the prompt's KV is copied: the executor if offloaded, else the decode worker."""
+        return self.executor or self.decode
 
 
 class Router:
@@ -88,11 +96,17 @@ class Router:
         max_pending: int = 512,
         heartbeat_timeout_s: float = 3.0,
         block_size: int = 16,
+        offload_policy: OffloadPolicy | None = None,
+        expect_attention: int = 0,
     ) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.control_address = control_address
-        self.expect = {"prefill": expect_prefill, "decode": expect_decode}
+        self.expect = {
+            "prefill": expect_prefill, "decode": expect_decode, "attention": expect_attention
+        }  # fmt: skip
+        self.offload_policy = offload_policy or NeverOffload()
+        self._arrivals = itertools.count()
         self.max_pending = max_pending
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.block_size = block_size
@@ -101,7 +115,7 @@ class Router:
         # Ended requests whose KV copy may still be writing into a decode worker's blocks: that
         # worker must not free them until the prefill worker reports KVSent.
         self.draining: dict[str, RouterRequest] = {}
-        self.counters = {"finished": 0, "aborted": 0, "failed": 0}
+        self.counters = {"finished": 0, "aborted": 0, "failed": 0, "offloaded": 0}
         self.assigned: dict[str, int] = {}
         self._transfer_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
@@ -147,6 +161,7 @@ class Router:
         return {
             "model": self.model_name,
             "workers": {i: w.as_json(now) for i, w in sorted(self.workers.items())},
+            "offload_policy": self.offload_policy.name,
             "requests": {
                 "active": len(self.requests),
                 "by_phase": _count_phases(self.requests.values()),
@@ -164,7 +179,10 @@ class Router:
         if prefill is None:
             raise Unavailable("no live prefill worker")
         self.assigned[prefill] = self.assigned.get(prefill, 0) + 1
-        req = RouterRequest(request_id, prompt_token_ids, sampling, asyncio.Queue(), prefill)
+        req = RouterRequest(
+            request_id, prompt_token_ids, sampling, asyncio.Queue(), prefill,
+            index=next(self._arrivals),
+        )  # fmt: skip
         self.requests[request_id] = req
         self._send(prefill, Prefill(request_id, prompt_token_ids, sampling))
         try:
@@ -198,10 +216,13 @@ class Router:
 
     def _abort_everywhere(self, req: RouterRequest) -> None:
         self._send(req.prefill, Abort(req.request_id))
-        if req.phase == "transferring":
-            self.draining[req.request_id] = req
-        elif req.decode is not None:
+        if req.executor is not None and req.decode is not None:
             self._send(req.decode, Abort(req.request_id))
+        if req.phase == "transferring":
+            # The KV copy may still be writing into the target's blocks: free them after it.
+            self.draining[req.request_id] = req
+        elif req.kv_target is not None:
+            self._send(req.kv_target, Abort(req.request_id))
         req.phase = "done"
 
     def _finish(self, req: RouterRequest, error: BaseException | None = None) -> None:
@@ -220,9 +241,11 @@ class Router:
         if worker is None:
             return
         try:
-            self.sock.send_multipart([worker.identity, encode(message)], flags=zmq.NOBLOCK)
+            sent = self.sock.send_multipart([worker.identity, encode(message)], flags=zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError) as exc:
             log.warning("cannot reach %s (%s); it will be marked dead", instance, exc)
+            return
+        sent.add_done_callback(lambda f, who=instance: _log_send_failure(f, who))
 
     async def _receive_loop(self) -> None:
         while True:
@@ -243,7 +266,7 @@ class Router:
             return
         request_id = getattr(msg, "request_id", "")
         if isinstance(msg, KVSent) and request_id in self.draining:
-            self._send(self.draining.pop(request_id).decode, Abort(request_id))
+            self._send(self.draining.pop(request_id).kv_target, Abort(request_id))
             return
         req = self.requests.get(request_id)
         if req is None or req.phase == "done":
@@ -279,47 +302,70 @@ class Router:
             self._try_reserve(req)
 
     def _try_reserve(self, req: RouterRequest) -> None:
-        decode_worker = pick_decode(self._loads("decode"), req.reserve_blocks)
+        executor = self._offload_target(req)
+        decode_worker = pick_decode(self._loads("decode"), 0 if executor else req.reserve_blocks)
         if decode_worker is None:
             if not any(w.alive for w in self.workers.values() if w.role == "decode"):
                 self._finish(req, Unavailable("no live decode worker"))
             else:
                 req.retry_at = time.monotonic() + 0.05  # wait for KV blocks to free up
             return
-        first = req.first
-        assert first is not None
-        req.decode = decode_worker
+        req.decode, req.executor = decode_worker, executor
         self.assigned[decode_worker] = self.assigned.get(decode_worker, 0) + 1
         req.retry_at = 0.0
         req.transfer_id = next(self._transfer_ids)
-        self._send(
-            decode_worker,
-            ReserveDecode(
-                request_id=req.request_id,
-                prompt_token_ids=req.prompt_token_ids,
-                first_token=first.token_ids[0],
-                first_logprob=first.logprobs[0] if first.logprobs else None,
-                text_sent=first.text_sent,
-                sampling=req.sampling,
-                generator_state=first.generator_state,
-                prefill_instance=req.prefill,
-                transfer_id=req.transfer_id,
-            ),
+        self._send(req.kv_target, self._continue_message(req))
+
+    def _offload_target(self, req: RouterRequest) -> str | None:
+        """The executor beside the request's prefill worker, if the policy offloads it."""
+        executor = next(
+            (w for w in self.workers.values()
+             if w.role == "attention" and w.registration.colocated_with == req.prefill),
+            None,
+        )  # fmt: skip
+        candidate = OffloadCandidate(
+            request_index=req.index,
+            prompt_tokens=len(req.prompt_token_ids),
+            executor_alive=executor is not None and executor.alive,
+            executor_free_blocks=executor.registration.stats.num_free_blocks if executor else 0,
+            blocks_needed=req.reserve_blocks,
+        )
+        if executor is None or not self.offload_policy.decide(candidate):
+            return None
+        self.counters["offloaded"] += 1
+        return executor.instance
+
+    def _continue_message(self, req: RouterRequest, for_decode_of_offloaded: bool = False):
+        first = req.first
+        assert first is not None
+        executor = self.workers[req.executor] if for_decode_of_offloaded else None
+        return ReserveDecode(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            first_token=first.token_ids[0],
+            first_logprob=first.logprobs[0] if first.logprobs else None,
+            text_sent=first.text_sent,
+            sampling=req.sampling,
+            generator_state=first.generator_state,
+            prefill_instance=req.prefill,
+            transfer_id=req.transfer_id,
+            executor=executor.instance if executor else "",
+            executor_address=executor.registration.attention_address if executor else "",
         )
 
     def _on_reserved(self, req: RouterRequest, msg: DecodeReserved) -> None:
         if msg.error is not None:
-            log.info("decode reservation for %s refused: %s; retrying", req.request_id, msg.error)
-            req.decode = None
+            log.info("reservation for %s refused: %s; retrying", req.request_id, msg.error)
+            req.decode = req.executor = None
             req.retry_at = time.monotonic() + 0.05
             return
         req.phase = "transferring"
-        worker = self.workers[req.decode]
+        worker = self.workers[req.kv_target]
         self._send(
             req.prefill,
             SendKV(
                 request_id=req.request_id,
-                decode_instance=req.decode,
+                decode_instance=req.kv_target,
                 kv_endpoint=worker.registration.kv_endpoint,
                 dst_block_ids=msg.block_ids,
                 transfer_id=req.transfer_id,
@@ -332,7 +378,9 @@ class Router:
             self._finish(req, Unavailable(f"KV transfer failed: {msg.error}"))
             return
         req.phase = "decoding"
-        self._send(req.decode, StartDecode(req.request_id))
+        self._send(req.kv_target, StartDecode(req.request_id))
+        if req.executor is not None:
+            self._send(req.decode, self._continue_message(req, for_decode_of_offloaded=True))
 
     # Housekeeping ---------------------------------------------------------------------------
 
@@ -350,12 +398,14 @@ class Router:
                 self._check_request(req, now)
             for request_id, req in list(self.draining.items()):
                 if not self.workers[req.prefill].alive:
-                    self._send(self.draining.pop(request_id).decode, Abort(request_id))
+                    self._send(self.draining.pop(request_id).kv_target, Abort(request_id))
 
     def _check_request(self, req: RouterRequest, now: float) -> None:
         if req.phase == "done":
             return
-        for instance in (req.prefill, req.decode):
+        # Once its KV has moved, a request no longer needs its prefill worker.
+        handed_off = req.phase == "decoding"
+        for instance in (None if handed_off else req.prefill, req.decode, req.executor):
             w = self.workers.get(instance) if instance else None
             if w is not None and not w.alive:
                 self._finish(req, Unavailable(f"{w.role} worker {w.instance} died"))
@@ -375,7 +425,7 @@ class Router:
                 queued[r.prefill] = queued.get(r.prefill, 0) + len(r.prompt_token_ids)
             if r.decode is not None:
                 running[r.decode] = running.get(r.decode, 0) + 1
-                if r.phase == "reserving":
+                if r.phase == "reserving" and r.executor is None:
                     pending[r.decode] = pending.get(r.decode, 0) + r.reserve_blocks
         return [
             WorkerLoad(
@@ -397,3 +447,9 @@ def _count_phases(requests) -> dict[str, int]:
     for r in requests:
         counts[r.phase] = counts.get(r.phase, 0) + 1
     return counts
+
+
+def _log_send_failure(future: asyncio.Future, instance: str) -> None:
+    # A gone peer (ROUTER_MANDATORY: host unreachable) surfaces here; heartbeats mark it dead.
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("send to %s failed: %s", instance, future.exception())

@@ -19,6 +19,7 @@ import zmq
 
 from engine.engine import LLMEngine, RequestOutput
 from engine.sequence import InvalidRequestError, sampling_params
+from server.offload_client import OffloadClient
 from transport.kv_transfer import KVPoolHost, KVSender
 from transport.messages import (
     Abort,
@@ -52,11 +53,15 @@ class Worker:
         model_name: str,
         kv_host: KVPoolHost | None = None,
         kv_sender: KVSender | None = None,
+        offload: OffloadClient | None = None,
     ) -> None:
         assert role in ("prefill", "decode")
         self.role, self.instance, self.engine = role, instance, engine
         self.model_name = model_name
         self.kv_host, self.kv_sender = kv_host, kv_sender
+        self.offload = offload
+        if offload is not None:
+            offload.on_idle = self._heartbeat
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, instance.encode())
@@ -87,6 +92,7 @@ class Worker:
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
                         self._send_output(out)
+                    self._report_failed()
         finally:
             self.close()
 
@@ -95,7 +101,7 @@ class Worker:
 
     def close(self) -> None:
         self._copier.shutdown(wait=False, cancel_futures=True)
-        for closable in (self.kv_host, self.kv_sender):
+        for closable in (self.kv_host, self.kv_sender, self.offload):
             if closable is not None:
                 closable.close()
         self.sock.close(0)
@@ -188,6 +194,9 @@ class Worker:
     # Decode side ----------------------------------------------------------------------------
 
     def _on_reserve(self, msg: ReserveDecode) -> None:
+        if msg.executor:
+            self._on_offloaded(msg)
+            return
         assert self.kv_host is not None, "a decode worker hosts a KV pool"
         try:
             block_ids = self.engine.reserve_prefilled(
@@ -205,6 +214,23 @@ class Worker:
         arrival = self.kv_host.expect(msg.transfer_id, msg.prefill_instance, block_ids)
         self._incoming[msg.request_id] = [msg.transfer_id, arrival, False]
         self._send(DecodeReserved(msg.request_id, block_ids))
+
+    def _on_offloaded(self, msg: ReserveDecode) -> None:
+        """The KV is already in the executor's pool: start decoding at once."""
+        assert self.offload is not None, "this decode worker takes no offloaded requests"
+        try:
+            self.offload.connect(msg.executor, msg.executor_address)
+            self.engine.start_offloaded(
+                msg.request_id, msg.prompt_token_ids, msg.first_token, msg.first_logprob,
+                sampling_params(msg.sampling), msg.generator_state, msg.text_sent, msg.executor,
+            )  # fmt: skip
+        except Exception as exc:
+            self._send(RequestError(msg.request_id, f"cannot decode offloaded: {exc}", 503))
+
+    def _report_failed(self) -> None:
+        while self.engine.failed:
+            request_id, reason = self.engine.failed.pop()
+            self._send(RequestError(request_id, reason, status=503))
 
     def _on_start(self, msg: StartDecode) -> None:
         entry = self._incoming.get(msg.request_id)

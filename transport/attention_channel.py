@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -48,18 +49,30 @@ def _layout(max_rows: int, num_heads: int, num_kv_heads: int, head_dim: int, dty
     return {"offsets": offsets, "nbytes": offset}
 
 
-def wait_for(counters: np.ndarray, index: int, value: int, timeout_s: float) -> None:
-    """Spins briefly, then yields the core, until counters[index] >= value."""
+def wait_for(
+    counters: np.ndarray,
+    index: int,
+    value: int,
+    timeout_s: float,
+    on_idle: Callable[[], None] | None = None,
+) -> None:
+    """Spins briefly, then yields the core, until counters[index] >= value. A long wait calls
+    `on_idle` every 0.1 s (the decode worker keeps heartbeating while an executor is silent)."""
     if counters[index] >= value:
         return
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    next_idle = start + 0.1
     spins = 0
     while counters[index] < value:
         spins += 1
         if spins > 200:
             time.sleep(0 if spins < 2000 else 5e-5)  # two cores are shared by several roles
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - start > timeout_s:
                 raise ChannelTimeout(f"no answer within {timeout_s}s (waiting for {value})")
+            if on_idle is not None and now > next_idle:
+                on_idle()
+                next_idle = now + 0.1
 
 
 class _Region:
@@ -113,8 +126,15 @@ class DecodeSideLink:
         self.region.counters[2] = n
         self.region.counters[0] = seq_no
 
-    def collect(self, seq_no: int, step_id: int, n: int, timeout_s: float) -> torch.Tensor:
-        wait_for(self.region.counters, 1, seq_no, timeout_s)
+    def collect(
+        self,
+        seq_no: int,
+        step_id: int,
+        n: int,
+        timeout_s: float,
+        on_idle: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        wait_for(self.region.counters, 1, seq_no, timeout_s, on_idle)
         if self.region.counters[3] == step_id + 1:
             raise StepRefused(f"the executor refused step {step_id}")
         return self.region.tensors["out"][:n].clone()

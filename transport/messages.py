@@ -157,7 +157,13 @@ class AttentionStep(msgspec.Struct, tag=True, frozen=True):
     step_id: int
     request_ids: list[str]
     positions: list[int]
-    released: list[str]  # requests this decode worker finished or dropped since the last step
+
+
+class ReleaseOffloaded(msgspec.Struct, tag=True, frozen=True):
+    """The decode worker finished or dropped these requests: their KV may go."""
+
+    decode_instance: str
+    request_ids: list[str]
 
 
 Message = (
@@ -174,6 +180,7 @@ Message = (
     | Shutdown
     | AttachLink
     | AttentionStep
+    | ReleaseOffloaded
 )
 
 _encoder = msgspec.msgpack.Encoder()

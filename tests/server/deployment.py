@@ -21,13 +21,13 @@ def free_port() -> int:
 
 
 class Deployment:
-    def __init__(self, *flags: str, startup_timeout: float = 120.0) -> None:
+    def __init__(self, *flags: str, model: str = "tiny", startup_timeout: float = 120.0) -> None:
         self.port = free_port()
         self.control = f"tcp://127.0.0.1:{free_port()}"
         self.url = f"http://127.0.0.1:{self.port}"
         adrenaline = Path(sys.executable).parent / "adrenaline"
         argv = [
-            str(adrenaline), "serve", "--model", "tiny", "--port", str(self.port),
+            str(adrenaline), "serve", "--model", model, "--port", str(self.port),
             "--control", self.control, "--log-level", "WARNING", *flags,
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, start_new_session=True)
