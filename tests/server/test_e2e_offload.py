@@ -200,3 +200,17 @@ def test_offloaded_qwen2_equals_local(qwen2_dir):
         assert d.wait_idle()["requests"]["offloaded"] == len(prompts)
     finally:
         d.stop()
+
+
+def test_one_decode_worker_offloads_to_two_executors_at_once(offline):
+    """Two prefill workers, each with its executor; one decode worker's batch holds offloaded
+    rows of both executors in the same steps."""
+    d = deploy("always", "--num-prefill", "2")
+    try:
+        got = asyncio.run(concurrent_generate(d.url, PROMPTS, MAX_TOKENS, stagger_s=0.0))
+        assert got == expected(offline)
+        stats = d.wait_idle()
+        served = [stats["workers"][f"attention-{i}"]["requests_total"] for i in range(2)]
+        assert all(n > 0 for n in served) and sum(served) == len(PROMPTS), served
+    finally:
+        d.stop()

@@ -1,5 +1,6 @@
 """The per-role launch scripts, as an operator runs them on separate nodes: a router, a prefill
-and a decode worker started one by one, KV moved over gloo (the across-hosts CPU path)."""
+worker with its attention executor, and a decode worker, started one by one. Half the requests
+are offloaded; the others' KV moves over gloo (the across-hosts CPU path)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from engine.sequence import SamplingParams
 from tests.server.deployment import free_port
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+WORKER_FLAGS = ["--num-kv-blocks", "128", "--torch-threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,7 @@ def roles():
         "ADRENALINE": str(Path(sys.executable).parent / "adrenaline"),
         "MODEL": "tiny", "PORT": str(port), "CONTROL": control, "ROUTER": control,
         "DEVICE": "cpu", "KV_TRANSFER": "gloo", "KV_HOST": "127.0.0.1",
+        "COLOCATED_WITH": "prefill-a",
     }  # fmt: skip
     procs = [
         subprocess.Popen(
@@ -36,9 +39,10 @@ def roles():
             start_new_session=True,
         )  # fmt: skip
         for script, extra in [
-            ("launch_router.sh", []),
-            ("launch_prefill.sh", ["--num-kv-blocks", "128", "--torch-threads", "1"]),
-            ("launch_decode.sh", ["--num-kv-blocks", "128", "--torch-threads", "1"]),
+            ("launch_router.sh", ["--offload-policy", "ratio:0.5", "--num-attention", "1"]),
+            ("launch_prefill.sh", ["--instance", "prefill-a", *WORKER_FLAGS]),
+            ("launch_attention.sh", ["--instance", "attention-a", "--offload-blocks", "128"]),
+            ("launch_decode.sh", WORKER_FLAGS),
         ]
     ]
     url = f"http://127.0.0.1:{port}"
@@ -68,7 +72,7 @@ def roles():
                 p.wait()
 
 
-def test_roles_started_by_scripts_serve_offline_equal_tokens_over_gloo(roles):
+def test_roles_started_by_scripts_serve_offline_equal_tokens(roles):
     prompts = ["Hello there", "The quick brown fox jumps over the lazy dog, again and again."]
     offline = LLM("tiny", num_blocks=128)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -82,4 +86,5 @@ def test_roles_started_by_scripts_serve_offline_equal_tokens_over_gloo(roles):
         assert resp.json()["token_ids"] == want
     stats = httpx.get(f"{roles}/stats", timeout=5).json()
     roles_seen = sorted(w["role"] for w in stats["workers"].values())
-    assert roles_seen == ["decode", "prefill"]
+    assert roles_seen == ["attention", "decode", "prefill"]
+    assert stats["requests"]["offloaded"] == 1  # the other went to the decode worker by gloo
