@@ -16,6 +16,7 @@ import torch
 from attention.backend import AttentionBackend
 from engine.kv_cache import BlockManager, OutOfBlocksError
 from engine.sequence import SamplingParams, Sequence
+from engine.step_timing import ewma
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class AttentionExecutor:
         self.requests: dict[str, Sequence] = {}
         self.ready: set[str] = set()
         self.requests_total = 0
+        self.attention_time_ms = 0.0  # moving average of one layer's attention for one step
 
     @property
     def num_layers(self) -> int:
@@ -125,6 +127,9 @@ class AttentionExecutor:
             q, k_cache, v_cache, step.seq_lens, step.block_tables, step.max_seq_len
         )
 
+    def record_attention(self, seconds: float) -> None:
+        self.attention_time_ms = ewma(self.attention_time_ms, seconds * 1000)
+
     def stats(self) -> dict:
         return {
             "num_running": len(self.ready),
@@ -134,4 +139,7 @@ class AttentionExecutor:
             "queued_tokens": 0,
             "num_preemptions": 0,
             "requests_total": self.requests_total,
+            "num_offloaded": len(self.ready),
+            "context_tokens": sum(s.num_computed_tokens for s in self.requests.values()),
+            "attention_time_ms": round(self.attention_time_ms, 4),
         }

@@ -112,7 +112,7 @@ class ExecutorWorker:
                     model=self.model_name,
                     max_model_len=self.max_model_len,
                     kv_endpoint=self.pool_host.endpoint,
-                    stats=WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__}),
+                    stats=WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__ if k in s}),
                     colocated_with=self.colocated_with,
                     attention_address=self.address,
                 )
@@ -197,7 +197,10 @@ class ExecutorWorker:
         try:
             for layer in range(layers):
                 q, k, v = link.receive(first_seq + layer, LAYER_TIMEOUT_S)
-                link.respond(first_seq + layer, self.executor.attend(layer, step, q, k, v))
+                started = time.perf_counter()
+                out = self.executor.attend(layer, step, q, k, v)
+                self.executor.record_attention(time.perf_counter() - started)
+                link.respond(first_seq + layer, out)
         except ChannelTimeout:
             # The decode worker died or gave up on this step: its KV for it is incomplete.
             log.warning("decode worker %s stopped mid-step %d", msg.decode_instance, msg.step_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from engine.sequence import (
     Sequence,
     SequenceStatus,
 )
+from engine.step_timing import StepTiming
 from engine.tokenizer import Tokenizer, find_stop, partial_stop_len
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class LLMEngine:
         self.batcher = Batcher(config.batch, self.block_manager)
         self.requests: dict[str, Sequence] = {}
         self.requests_total = 0
+        self.aborts_total = 0
+        self.timing = StepTiming()
         # Offloaded requests that ended because their executor failed: (request id, reason).
         self.failed: list[tuple[str, str]] = []
         self._seed_source = random.Random(config.seed)
@@ -138,6 +142,7 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
+        self.aborts_total += 1
         self._finish(seq, FinishReason.ABORT)
         return True
 
@@ -153,6 +158,7 @@ class LLMEngine:
         batch = self.batcher.schedule()
         if not batch:
             return []
+        started = time.perf_counter()
         try:
             result = self.runner.execute(batch)
         except RemoteAttentionError as exc:
@@ -160,6 +166,7 @@ class LLMEngine:
             # simply run again next step.
             self._fail_offloaded(exc.executor, str(exc))
             return []
+        self.timing.record_step(batch, time.perf_counter() - started)
         for seq, num_new in batch.entries:
             seq.num_computed_tokens += num_new
             if not seq.executor:
@@ -335,6 +342,12 @@ class LLMEngine:
             "requests_total": self.requests_total,
             "prefix_cache_hits": bm.prefix_hits,
             "prefix_cache_queries": bm.prefix_queries,
+            "num_offloaded": sum(1 for s in self.batcher.running if s.executor),
+            "context_tokens": sum(
+                s.num_computed_tokens for s in self.batcher.running if not s.executor
+            ),
+            "aborts_total": self.aborts_total,
+            **self.timing.as_dict(),
         }
 
 

@@ -5,12 +5,14 @@ sent ahead of each step over ZeroMQ, and per layer only tensors and counters (sh
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
 import zmq
 
 from attention.remote import RemoteAttentionError
+from engine.step_timing import ewma
 from transport.attention_channel import ChannelTimeout, DecodeSideLink, StepRefused
 from transport.messages import AttachLink, AttentionStep, ReleaseOffloaded, encode
 
@@ -42,9 +44,10 @@ class OffloadStep:
         step_id: int,
         num_layers: int,
         groups: list[tuple[str, ExecutorConnection, int]],
-        on_idle: Callable[[], None] | None,
+        client: OffloadClient,
     ) -> None:
-        self.on_idle = on_idle
+        self.client = client
+        self.on_idle = client.on_idle
         self.num_local_tokens = num_local_tokens
         self.step_id = step_id
         self.num_layers = num_layers
@@ -61,6 +64,13 @@ class OffloadStep:
             start = end
 
     def receive(self, layer: int) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            return self._receive(layer)
+        finally:
+            self.client.record_wait(time.perf_counter() - started)
+
+    def _receive(self, layer: int) -> torch.Tensor:
         outs = []
         for executor, conn, rows in self.groups:
             try:
@@ -87,6 +97,12 @@ class OffloadClient:
         self.step_id = 0
         # Called while waiting on an executor: the worker's heartbeat keeps it alive meanwhile.
         self.on_idle: Callable[[], None] | None = None
+        # Moving average of how long a layer waits for its executors after local attention:
+        # near zero when the executors' work hides behind the local work, as intended.
+        self.roundtrip_ms = 0.0
+
+    def record_wait(self, seconds: float) -> None:
+        self.roundtrip_ms = ewma(self.roundtrip_ms, seconds * 1000)
 
     def connect(self, executor: str, address: str) -> None:
         conn = self.executors.get(executor)
@@ -119,7 +135,7 @@ class OffloadClient:
                 )
             )
             planned.append((executor, conn, len(entries)))
-        return OffloadStep(num_local_tokens, self.step_id, self.num_layers, planned, self.on_idle)
+        return OffloadStep(num_local_tokens, self.step_id, self.num_layers, planned, self)
 
     def release(self, executor: str, request_id: str) -> None:
         conn = self.executors.get(executor)

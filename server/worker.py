@@ -116,6 +116,8 @@ class Worker:
             return
         self._last_heartbeat = now
         s = self.engine.stats()
+        if self.offload is not None:
+            s["offload_roundtrip_ms"] = round(self.offload.roundtrip_ms, 4)
         self._send(
             Register(
                 role=self.role,
@@ -124,7 +126,7 @@ class Worker:
                 model=self.model_name,
                 max_model_len=self.engine.max_model_len,
                 kv_endpoint=self.kv_host.endpoint if self.kv_host else {},
-                stats=WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__}),
+                stats=WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__ if k in s}),
             )
         )
 

@@ -45,6 +45,17 @@ class WorkerStats(msgspec.Struct, frozen=True):
     queued_tokens: int
     num_preemptions: int
     requests_total: int
+    # Load and timing, for placement, the offload policy and metrics (0 where not applicable).
+    num_offloaded: int = 0  # running requests whose attention runs on an executor
+    context_tokens: int = 0  # KV tokens this worker attends over per step (its own pool)
+    last_batch_size: int = 0  # sequences in the last step
+    last_prefill_tokens: int = 0  # prompt tokens computed in the last step
+    step_time_ms: float = 0.0  # moving average of a step (decode: a decode step)
+    attention_time_ms: float = 0.0  # executor: moving average of one layer's attention
+    offload_roundtrip_ms: float = 0.0  # decode: moving average of a layer's executor wait
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    aborts_total: int = 0
 
 
 class Register(msgspec.Struct, tag=True, frozen=True):
