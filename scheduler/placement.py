@@ -35,9 +35,10 @@ def pick_decode(workers: list[WorkerLoad], blocks_needed: int) -> str | None:
         return None
     return min(
         fits,
+        # Requests it decodes first: the router's own books are current, heartbeats lag.
         key=lambda w: (
-            w.pending_blocks - w.num_free_blocks,
             w.num_running,
+            w.pending_blocks - w.num_free_blocks,
             w.assigned_total,
             w.instance,
         ),
