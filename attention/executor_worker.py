@@ -173,7 +173,7 @@ class ExecutorWorker:
                 old = self.links.pop(msg.decode_instance, None)
                 if old is not None:
                     old.close()
-                self.links[msg.decode_instance] = ExecutorSideLink(msg.link)
+                self.links[msg.decode_instance] = open_executor_link(msg.link)
             elif isinstance(msg, AttentionStep):
                 self._run_step(msg)
             elif isinstance(msg, ReleaseOffloaded):
@@ -188,6 +188,11 @@ class ExecutorWorker:
         layers = self.executor.num_layers
         first_seq = msg.step_id * layers + 1
         self._await_ready(msg.request_ids)
+        # GPU and P2P links take the step's rows ahead; a GPU link enqueues every layer without
+        # a host wait and syncs once, in check(), at the step's end.
+        begin_step = getattr(link, "begin_step", None)
+        if begin_step is not None:
+            begin_step(msg.step_id, len(msg.request_ids), first_seq)
         try:
             step = self.executor.prepare(msg.request_ids, msg.positions)
         except (StepError, OutOfBlocksError) as exc:
@@ -201,6 +206,8 @@ class ExecutorWorker:
                 out = self.executor.attend(layer, step, q, k, v)
                 self.executor.record_attention(time.perf_counter() - started)
                 link.respond(first_seq + layer, out)
+            if begin_step is not None:
+                link.check()
         except ChannelTimeout:
             # The decode worker died or gave up on this step: its KV for it is incomplete.
             log.warning("decode worker %s stopped mid-step %d", msg.decode_instance, msg.step_id)
@@ -215,3 +222,17 @@ class ExecutorWorker:
                 return  # prepare() refuses the step
             if self.router.poll(10):
                 self._drain_router()
+
+
+def open_executor_link(endpoint: dict):
+    """The executor's end of a decode worker's link, by the endpoint's kind."""
+    kind = str(endpoint.get("kind", "shm"))
+    if kind == "cuda_ipc":
+        from transport.cuda_attention_channel import CudaExecutorSideLink
+
+        return CudaExecutorSideLink(endpoint)
+    if kind in ("gloo", "nccl"):
+        from transport.nccl_attention_channel import P2PExecutorSideLink
+
+        return P2PExecutorSideLink(endpoint)
+    return ExecutorSideLink(endpoint)

@@ -51,7 +51,7 @@ def _driver():
 
 @functools.cache
 def backend() -> str:
-    """"stream_memops" (preferred), "triton", or "none"."""
+    """ "stream_memops" (preferred), "triton", or "none"."""
     forced = os.environ.get(BACKEND_ENV, "")
     if forced in ("stream_memops", "triton"):
         return forced
@@ -75,8 +75,10 @@ def _check(result) -> None:
         raise RuntimeError(f"CUDA stream memory operation failed: {err}")
 
 
-def _stream_handle(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+def _stream_handle() -> int:
+    # The caller's current stream on its current device: with peer (P2P) counters, the
+    # counters' device is not the one whose work the signal orders.
+    return torch.cuda.current_stream().cuda_stream
 
 
 def write_value(counters: torch.Tensor, index: int, value: int) -> None:
@@ -88,7 +90,7 @@ def write_value(counters: torch.Tensor, index: int, value: int) -> None:
         drv = _driver()
         # Flag 0 keeps the default memory barrier before the write.
         _check(drv.cuStreamWriteValue64(
-            drv.CUstream(_stream_handle(counters.device)), drv.CUdeviceptr(address),
+            drv.CUstream(_stream_handle()), drv.CUdeviceptr(address),
             drv.cuuint64_t(int(value)), 0,
         ))  # fmt: skip
     elif kind == "triton":
@@ -114,7 +116,7 @@ def wait_value(
         drv = _driver()
         geq = int(drv.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
         _check(drv.cuStreamWaitValue64(
-            drv.CUstream(_stream_handle(error_flag.device)), drv.CUdeviceptr(address),
+            drv.CUstream(_stream_handle()), drv.CUdeviceptr(address),
             drv.cuuint64_t(int(value)), geq,
         ))  # fmt: skip
     elif kind == "triton":
@@ -152,14 +154,13 @@ if TRITON_AVAILABLE:
     def _wait_value_kernel(counters, index, value, timeout_ns, error_flag):
         ptr = counters + index
         target = value.to(tl.int64)
-        start = _globaltimer()
+        now = _globaltimer()
+        deadline = now + timeout_ns
         seen = tl.load(ptr, volatile=True)
-        timed_out = 0
-        while (seen < target) & (timed_out == 0):
+        while (seen < target) & (now < deadline):
             seen = tl.load(ptr, volatile=True)
-            if _globaltimer() - start > timeout_ns:
-                timed_out = 1
-        if timed_out != 0:
+            now = _globaltimer()
+        if seen < target:
             tl.store(error_flag, 1)
         # Acquire: pairs with the writer's release, so reads after this wait see its data.
         tl.atomic_add(ptr, 0, sem="acquire", scope="sys")

@@ -93,7 +93,10 @@ class Batcher:
 
     def _preempt(self, seq: Sequence) -> None:
         # Recompute-style preemption: drop the KV, keep the tokens, re-prefill later.
-        self.running.remove(seq)
+        if seq in self.prefilled:
+            self.prefilled.remove(seq)
+        else:
+            self.running.remove(seq)
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -132,6 +135,10 @@ class Batcher:
             scheduled.append((seq, num_new))
             budget -= num_new
         return budget
+
+    def recompute(self, seq: Sequence) -> None:
+        """Drops whatever KV the sequence has and queues it to be prefilled again, here."""
+        self._preempt(seq)
 
     def hold(self, seq: Sequence) -> None:
         """Takes a prefilled sequence out of the batch, keeping its blocks for a KV copy."""

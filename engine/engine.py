@@ -85,8 +85,7 @@ class LLMEngine:
         self.requests_total = 0
         self.aborts_total = 0
         self.timing = StepTiming()
-        # Offloaded requests that ended because their executor failed: (request id, reason).
-        self.failed: list[tuple[str, str]] = []
+        self.num_reclaimed = 0  # offloaded requests taken back from a failed executor
         self._seed_source = random.Random(config.seed)
 
     def _fit_max_model_len(self, config: EngineConfig) -> EngineConfig:
@@ -162,9 +161,10 @@ class LLMEngine:
         try:
             result = self.runner.execute(batch)
         except RemoteAttentionError as exc:
-            # Nothing of this step was committed: drop the executor's requests, and the rest
-            # simply run again next step.
-            self._fail_offloaded(exc.executor, str(exc))
+            # Nothing of this step was committed: the executor's requests are recomputed here
+            # and the rest simply run again next step.
+            log.warning("%s; its requests are recomputed locally", exc)
+            self._reclaim_offloaded(exc.executor)
             return []
         self.timing.record_step(batch, time.perf_counter() - started)
         for seq, num_new in batch.entries:
@@ -322,11 +322,17 @@ class LLMEngine:
         seq.text_sent, seq.tokens_sent = text_sent, 1
         return seq
 
-    def _fail_offloaded(self, executor: str, reason: str) -> None:
+    def _reclaim_offloaded(self, executor: str) -> None:
+        """Takes back the requests whose KV an executor held (it died or ran out of room): they
+        keep their tokens and sampler state and are prefilled again on this worker."""
         for seq in list(self.requests.values()):
-            if seq.executor == executor:
-                self.abort(seq.request_id)
-                self.failed.append((seq.request_id, reason))
+            if seq.executor != executor or seq.status is SequenceStatus.FINISHED:
+                continue
+            if self.remote is not None:
+                self.remote.release(executor, seq.request_id)
+            seq.executor = ""
+            self.batcher.recompute(seq)
+            self.num_reclaimed += 1
 
     def stats(self) -> dict:
         bm = self.block_manager
@@ -347,6 +353,7 @@ class LLMEngine:
                 s.num_computed_tokens for s in self.batcher.running if not s.executor
             ),
             "aborts_total": self.aborts_total,
+            "num_reclaimed": self.num_reclaimed,
             **self.timing.as_dict(),
         }
 

@@ -1,14 +1,18 @@
 """Whether a request's decode attention is offloaded to the executor beside its prefill worker.
 
 `none` is the PD-disaggregation baseline; `always` offloads every request an executor can take;
-`ratio:R` offloads a share R, spread evenly over arrivals. The load-aware policy plugs in behind
-the same `decide` call.
+`ratio:R` offloads a share R, spread evenly over arrivals. `load-aware` (scheduler/load_aware.py)
+plugs in behind the same `decide` call and reads the `ClusterView` the router attaches.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scheduler.cost_model import CostModel
 
 
 class PolicyError(ValueError):
@@ -24,10 +28,50 @@ class OffloadCandidate:
     executor_alive: bool
     executor_free_blocks: int
     blocks_needed: int
+    view: ClusterView | None = None  # filled only for policies with `needs_view`
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """The decode worker an offloaded request would join: heartbeat plus the router's books."""
+
+    instance: str
+    batch: int  # requests it decodes, local and offloaded
+    context_tokens: int  # KV tokens in its own pool that its local attention reads per step
+    free_blocks: int  # after what the router has promised since the heartbeat
+    last_batch_size: int = 0  # the load its measured step time was taken under
+    last_context_tokens: int = 0
+    step_time_ms: float = 0.0  # measured moving average; 0 until it has decoded
+    offload_wait_ms: float = 0.0  # per layer, waiting on executors past its local work
+    heartbeat_at: float = 0.0  # when those measurements arrived: each is observed once
+
+
+@dataclass(frozen=True)
+class ExecutorLoad:
+    """The attention executor beside the request's prefill worker, and that prefill worker."""
+
+    instance: str
+    alive: bool
+    num_blocks: int
+    free_blocks: int  # after what the router has promised since the heartbeat
+    offloaded: int  # requests whose attention it runs
+    offloaded_tokens: int  # KV tokens it attends over per step
+    last_offloaded: int = 0  # the load its measured attention time was taken under
+    last_offloaded_tokens: int = 0
+    attention_time_ms: float = 0.0  # measured moving average of one layer; 0 until it ran
+    heartbeat_at: float = 0.0
+    prefill_queued_tokens: int = 0  # prompt tokens waiting on the prefill worker it shares with
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    decode: DecodeLoad | None  # None when no decode worker is alive
+    executor: ExecutorLoad
 
 
 class OffloadPolicy:
     name = "abstract"
+    needs_view = False  # whether the router must build a ClusterView for `decide`
 
     def decide(self, candidate: OffloadCandidate) -> bool:
         raise NotImplementedError
@@ -58,7 +102,15 @@ class RatioOffload(OffloadPolicy):
         return math.floor((i + 1) * self.ratio) > math.floor(i * self.ratio)
 
 
-def parse_policy(text: str) -> OffloadPolicy:
+def parse_policy(
+    text: str, cost_model: CostModel | None = None, slo_tpot_ms: float | None = None
+) -> OffloadPolicy:
+    """`cost_model` and `slo_tpot_ms` configure `load-aware` (default: the built-in profile)."""
+    if text == "load-aware":
+        from scheduler.cost_model import builtin_profile
+        from scheduler.load_aware import LoadAwarePolicy
+
+        return LoadAwarePolicy(cost_model or builtin_profile(), slo_tpot_ms=slo_tpot_ms)
     if text == "none":
         return NeverOffload()
     if text == "always":
@@ -68,4 +120,4 @@ def parse_policy(text: str) -> OffloadPolicy:
             return RatioOffload(float(text.removeprefix("ratio:")))
         except ValueError as exc:
             raise PolicyError(f"bad offload policy {text!r}: {exc}") from exc
-    raise PolicyError(f"unknown offload policy {text!r}; use none, always or ratio:R")
+    raise PolicyError(f"unknown offload policy {text!r}; use load-aware, none, always or ratio:R")

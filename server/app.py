@@ -1,5 +1,5 @@
-"""The router's HTTP server: native `/generate`, the OpenAI API, `/health` and `/stats`, with
-every error type mapped to its status code by `server.http_errors`.
+"""The router's HTTP server: native `/generate`, the OpenAI API, `/health`, `/stats` and the
+Prometheus `/metrics`, with every error type mapped to its status code by `server.http_errors`.
 """
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.generate_api import generate_routes
 from server.http_errors import MAPPED_ERRORS, error_response, exception_response
@@ -43,6 +44,11 @@ def create_app(router: Router, api_key: str | None = None) -> FastAPI:
     @app.get("/stats")
     async def stats() -> dict:
         return router.stats()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # Async so the scrape reads the router's state on its own loop, never mid-update.
+        return Response(router.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

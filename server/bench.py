@@ -85,6 +85,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds per request, whole stream"
     )
+    from server.bench_compare import add_compare_flags
+
+    add_compare_flags(p)
     return p
 
 
@@ -257,6 +260,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise BenchError("--max-concurrency must be >= 1")
     if not args.timeout > 0:
         raise BenchError("--timeout must be > 0")
+    if args.plot and not args.compare:
+        raise BenchError("--plot goes with --compare")
 
 
 def _jsonable(value):
@@ -296,6 +301,10 @@ def save_result(
 def run_bench(args: argparse.Namespace) -> int:
     """Runs the benchmark the flags describe; 0 if any request completed, 1 if none, 2 on bad flags."""
     base_url = args.url.rstrip("/")
+    if getattr(args, "compare", None):
+        from server.bench_compare import run_compare
+
+        return run_compare(args)
     try:
         check_args(args)
         requests = build_requests(args)

@@ -1,6 +1,7 @@
 """The `adrenaline` command: `serve` starts a whole deployment here; `router`, `prefill` and
 `decode` start one role each (for deployments across hosts); `generate` runs the engine
-offline; `bench` measures a running server.
+offline; `bench` measures a running server; `profile` measures this device for the load-aware
+offload policy.
 
 Flags map one-to-one onto the frozen config dataclasses; a bad flag value exits with an error
 that names the flag.
@@ -16,6 +17,7 @@ import sys
 from engine.config import BatchConfig, CacheConfig, ConfigError, EngineConfig
 from server.bench import add_bench_parser, run_bench
 from server.launcher import run_serve
+from server.profile import add_profile_flags, run_profile
 from server.roles import (
     add_attention_flags,
     add_executor_flags,
@@ -163,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_flags(worker)
         add_worker_flags(worker)
 
+    profile = sub.add_parser(
+        "profile", parents=[common], help="measure this device and write a cost profile"
+    )
+    add_engine_flags(profile)
+    add_profile_flags(profile)
+
     add_bench_parser(sub)
     return parser
 
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args, sub_parser)
         if args.command == "attention":
             return run_attention(args, config)
+        if args.command == "profile":
+            return run_profile(args, config)
         return run_worker(args.command, args, config)
     except ConfigError as exc:
         sub_parser.error(str(exc))

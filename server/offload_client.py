@@ -81,15 +81,33 @@ class OffloadStep:
                 )
             except (ChannelTimeout, StepRefused) as exc:
                 raise RemoteAttentionError(executor, str(exc)) from exc
+        if layer == self.num_layers - 1:
+            self.finish()
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def finish(self) -> None:
+        """Raises a GPU or NCCL link's deferred failure (timeout, refusal) for this step: their
+        collect() only enqueues work. Runs after the last layer's collect, a host sync; a runner
+        that syncs at the step's end anyway may call it there instead."""
+        for executor, conn, _ in self.groups:
+            check = getattr(conn.link, "check", None)
+            if check is None:
+                continue
+            try:
+                check(self.on_idle)
+            except (ChannelTimeout, StepRefused) as exc:
+                raise RemoteAttentionError(executor, str(exc)) from exc
 
 
 class OffloadClient:
     def __init__(
         self, instance: str, num_layers: int, max_rows: int, num_heads: int, num_kv_heads: int,
-        head_dim: int, dtype: torch.dtype,
+        head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+        link_kind: str = "auto",
     ) -> None:  # fmt: skip
         self.instance = instance
+        self.device = torch.device(device)
+        self.link_kind = link_kind  # auto: shared memory on CPU, CUDA IPC on GPU; gloo/nccl
         self.num_layers = num_layers
         self.shape = (max_rows, num_heads, num_kv_heads, head_dim, dtype)
         self.ctx = zmq.Context()
@@ -110,10 +128,24 @@ class OffloadClient:
             return
         if conn is not None:
             conn.close()
-        conn = ExecutorConnection(self.ctx, address, DecodeSideLink(*self.shape))
+        conn = ExecutorConnection(self.ctx, address, self._make_link())
         conn.sock.send(encode(AttachLink(self.instance, conn.link.endpoint)))
         self.executors[executor] = conn
         log.info("offloading attention to %s at %s", executor, address)
+
+    def _make_link(self):
+        kind = self.link_kind
+        if kind == "auto":
+            kind = "cuda_ipc" if self.device.type == "cuda" else "shm"
+        if kind == "cuda_ipc":
+            from transport.cuda_attention_channel import CudaDecodeSideLink
+
+            return CudaDecodeSideLink(*self.shape, self.device)
+        if kind in ("gloo", "nccl"):
+            from transport.nccl_attention_channel import P2PDecodeSideLink
+
+            return P2PDecodeSideLink(kind, *self.shape, self.device)
+        return DecodeSideLink(*self.shape)
 
     def begin_step(
         self, num_local_tokens: int, groups: list[tuple[str, list[tuple[str, int]]]]

@@ -46,9 +46,23 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default=None)
     g.add_argument(
         "--offload-policy",
-        default="none",
-        help="none (PD disaggregation), always, or ratio:R (share R of requests "
-        "decode their attention on the executor beside their prefill worker)",
+        default="load-aware",
+        help="load-aware (offload while the executor's attention hides behind decode work, "
+        "its pool has room and TPOT meets --slo-tpot-ms), none (PD disaggregation), always, "
+        "or ratio:R (share R of requests decode their attention on the executor beside "
+        "their prefill worker)",
+    )
+    g.add_argument(
+        "--slo-tpot-ms",
+        type=float,
+        default=None,
+        help="load-aware: offload no request whose predicted time per output token exceeds this",
+    )
+    g.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="load-aware: cost profile from `adrenaline profile` (default: a built-in CPU one)",
     )
     g.add_argument(
         "--num-attention", type=int, default=0, help="attention executors /health waits for"
@@ -89,12 +103,17 @@ def run_router(args: argparse.Namespace) -> int:
 
     from engine.model_source import resolve_model
     from engine.tokenizer import Tokenizer
+    from scheduler.cost_model import CostModel, ProfileError
     from scheduler.offload_policy import PolicyError, parse_policy
     from server.app import create_app
     from server.router import Router
 
     try:
-        policy = parse_policy(args.offload_policy)
+        cost_model = CostModel.load(args.profile) if args.profile else None
+    except ProfileError as exc:
+        raise SystemExit(f"adrenaline router: error: --profile: {exc}") from exc
+    try:
+        policy = parse_policy(args.offload_policy, cost_model, args.slo_tpot_ms)
     except PolicyError as exc:
         raise SystemExit(f"adrenaline router: error: --offload-policy: {exc}") from exc
     tokenizer = Tokenizer(resolve_model(args.model))
@@ -135,7 +154,7 @@ def run_worker(role: str, args: argparse.Namespace, config: EngineConfig) -> int
         cfg = ModelConfig.from_model_dir(resolve_model(config.model))
         offload = OffloadClient(
             instance, cfg.num_layers, config.batch.max_num_seqs, cfg.num_heads,
-            cfg.num_kv_heads, cfg.head_dim, parse_dtype(config.dtype),
+            cfg.num_kv_heads, cfg.head_dim, parse_dtype(config.dtype), torch.device(config.device),
         )  # fmt: skip
     engine = LLMEngine(
         config, kv_pool_factory=pool_factory if role == "decode" else None, remote=offload
@@ -186,14 +205,26 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="how the colocated prefill worker writes into the offload pool",
     )
+    g.add_argument(
+        "--sm-share",
+        type=float,
+        default=1.0,
+        help="share of the GPU's SMs this executor may use, in (0, 1] (1: no limit); "
+        "enforced with CUDA MPS or a green context (scripts/profile_attention_bandwidth.py)",
+    )
 
 
 def run_attention(args: argparse.Namespace, config: EngineConfig) -> int:
+    from attention.colocation import SmShareError, limit_sm_share
     from attention.executor import AttentionExecutor
     from attention.executor_worker import ExecutorWorker
     from attention.selector import select_backend
     from transport.kv_transfer import create_pool_host
 
+    try:  # before anything initialises CUDA: MPS reads its limit at context creation
+        limit_sm_share(args.sm_share, torch.device(config.device))
+    except SmShareError as exc:
+        raise SystemExit(f"adrenaline attention: error: --sm-share: {exc}") from exc
     torch.set_num_threads(1)  # decode attention is bandwidth-bound; leave the cores to prefill
     instance = args.instance or f"attention-{os.getpid()}"
     cfg = ModelConfig.from_model_dir(resolve_model(config.model))

@@ -20,9 +20,17 @@ import zmq.asyncio
 
 from engine.sequence import InvalidRequestError, sampling_params
 from engine.tokenizer import Tokenizer
-from scheduler.offload_policy import NeverOffload, OffloadCandidate, OffloadPolicy
+from scheduler.offload_policy import (
+    ClusterView,
+    DecodeLoad,
+    ExecutorLoad,
+    NeverOffload,
+    OffloadCandidate,
+    OffloadPolicy,
+)
 from scheduler.placement import WorkerLoad, pick_decode, pick_prefill
 from server.generation import Overloaded, Unavailable
+from server.metrics import RouterMetrics, offload_now
 from transport.messages import (
     Abort,
     DecodeReserved,
@@ -123,6 +131,7 @@ class Router:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.metrics = RouterMetrics(self)
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -158,6 +167,7 @@ class Router:
 
     def stats(self) -> dict:
         now = time.monotonic()
+        offloaded_now, decoding = offload_now(self.requests.values())
         return {
             "model": self.model_name,
             "workers": {i: w.as_json(now) for i, w in sorted(self.workers.items())},
@@ -166,7 +176,12 @@ class Router:
                 "active": len(self.requests),
                 "by_phase": _count_phases(self.requests.values()),
                 **self.counters,
+                "decoding": decoding,
+                "offloaded_now": offloaded_now,
+                "offload_ratio": round(offloaded_now / decoding, 4) if decoding else 0.0,
+                **self.metrics.outcome_summary(),
             },
+            "latency": self.metrics.latency_summary(),
         }
 
     # Requests -------------------------------------------------------------------------------
@@ -174,16 +189,21 @@ class Router:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
     ) -> AsyncIterator[TokenOutput]:
-        self._admit(request_id, prompt_token_ids, sampling)
-        prefill = pick_prefill(self._loads("prefill"))
-        if prefill is None:
-            raise Unavailable("no live prefill worker")
+        try:
+            self._admit(request_id, prompt_token_ids, sampling)
+            prefill = pick_prefill(self._loads("prefill"))
+            if prefill is None:
+                raise Unavailable("no live prefill worker")
+        except Exception as exc:
+            self.metrics.request_rejected(exc)
+            raise
         self.assigned[prefill] = self.assigned.get(prefill, 0) + 1
         req = RouterRequest(
             request_id, prompt_token_ids, sampling, asyncio.Queue(), prefill,
             index=next(self._arrivals),
         )  # fmt: skip
         self.requests[request_id] = req
+        self.metrics.request_arrived(request_id)
         self._send(prefill, Prefill(request_id, prompt_token_ids, sampling))
         try:
             while True:
@@ -196,6 +216,7 @@ class Router:
         finally:
             if req.phase != "done":
                 self.counters["aborted"] += 1
+                self.metrics.request_aborted(request_id)
                 self._abort_everywhere(req)
             self.requests.pop(request_id, None)
 
@@ -228,10 +249,12 @@ class Router:
     def _finish(self, req: RouterRequest, error: BaseException | None = None) -> None:
         if error is not None:
             self.counters["failed"] += 1
+            self.metrics.request_failed(req.request_id, error)
             self._abort_everywhere(req)
             req.outputs.put_nowait(error)
         else:
             self.counters["finished"] += 1
+            self.metrics.request_finished(req.request_id)
             req.phase = "done"
 
     # Control plane --------------------------------------------------------------------------
@@ -292,6 +315,7 @@ class Router:
         )
 
     def _on_tokens(self, req: RouterRequest, msg: TokenOutput) -> None:
+        self.metrics.tokens_arrived(req.request_id, len(msg.token_ids), msg.finish_reason)
         req.outputs.put_nowait(msg)
         if msg.finished:
             self._finish(req)
@@ -329,11 +353,65 @@ class Router:
             executor_alive=executor is not None and executor.alive,
             executor_free_blocks=executor.registration.stats.num_free_blocks if executor else 0,
             blocks_needed=req.reserve_blocks,
+            view=self._cluster_view(executor)
+            if executor is not None and self.offload_policy.needs_view
+            else None,
         )
         if executor is None or not self.offload_policy.decide(candidate):
             return None
-        self.counters["offloaded"] += 1
         return executor.instance
+
+    def _cluster_view(self, executor: WorkerInfo) -> ClusterView:
+        """The load-aware policy's input: the latest heartbeats, plus what the router has placed
+        since (requests still reserving or transferring count in full, conservatively)."""
+        decode_instance = pick_decode(self._loads("decode"), 0)
+        batch = offloaded = local_blocks = local_tokens = pending_blocks = pending_tokens = 0
+        for r in self.requests.values():
+            in_flight = r.phase in ("reserving", "transferring")
+            if r.decode is not None and r.decode == decode_instance:
+                batch += 1
+                if in_flight and r.executor is None:
+                    local_blocks += r.reserve_blocks
+                    local_tokens += len(r.prompt_token_ids)
+            if r.executor == executor.instance:
+                offloaded += 1
+                if in_flight:
+                    pending_blocks += r.reserve_blocks
+                    pending_tokens += len(r.prompt_token_ids)
+        decode = None
+        if decode_instance is not None:
+            worker = self.workers[decode_instance]
+            d = worker.registration.stats
+            measured = d.num_running > 0  # idle, its last step no longer describes its load
+            decode = DecodeLoad(
+                instance=decode_instance,
+                batch=max(batch, d.num_running),
+                context_tokens=d.context_tokens + local_tokens,
+                free_blocks=d.num_free_blocks - local_blocks,
+                last_batch_size=d.last_batch_size if measured else 0,
+                last_context_tokens=d.context_tokens if measured else 0,
+                step_time_ms=d.step_time_ms,
+                offload_wait_ms=d.offload_roundtrip_ms if d.num_offloaded else 0.0,
+                heartbeat_at=worker.last_seen,
+            )
+        e = executor.registration.stats
+        prefill = self.workers.get(executor.registration.colocated_with)
+        return ClusterView(
+            decode=decode,
+            executor=ExecutorLoad(
+                instance=executor.instance,
+                alive=executor.alive,
+                num_blocks=e.num_blocks,
+                free_blocks=e.num_free_blocks - pending_blocks,
+                offloaded=max(offloaded, e.num_offloaded),
+                offloaded_tokens=e.context_tokens + pending_tokens,
+                last_offloaded=e.num_offloaded,
+                last_offloaded_tokens=e.context_tokens if e.num_offloaded else 0,
+                attention_time_ms=e.attention_time_ms,
+                heartbeat_at=executor.last_seen,
+                prefill_queued_tokens=prefill.registration.stats.queued_tokens if prefill else 0,
+            ),
+        )
 
     def _continue_message(self, req: RouterRequest, for_decode_of_offloaded: bool = False):
         first = req.first
@@ -380,6 +458,7 @@ class Router:
         req.phase = "decoding"
         self._send(req.kv_target, StartDecode(req.request_id))
         if req.executor is not None:
+            self.counters["offloaded"] += 1
             self._send(req.decode, self._continue_message(req, for_decode_of_offloaded=True))
 
     # Housekeeping ---------------------------------------------------------------------------
@@ -403,9 +482,11 @@ class Router:
     def _check_request(self, req: RouterRequest, now: float) -> None:
         if req.phase == "done":
             return
-        # Once its KV has moved, a request no longer needs its prefill worker.
+        # Once its KV has moved, a request no longer needs its prefill worker; and a decoding
+        # request outlives its executor (the decode worker recomputes it locally).
         handed_off = req.phase == "decoding"
-        for instance in (None if handed_off else req.prefill, req.decode, req.executor):
+        watched = (req.decode,) if handed_off else (req.prefill, req.decode, req.executor)
+        for instance in watched:
             w = self.workers.get(instance) if instance else None
             if w is not None and not w.alive:
                 self._finish(req, Unavailable(f"{w.role} worker {w.instance} died"))

@@ -92,7 +92,6 @@ class Worker:
                 if self.engine.has_unfinished():
                     for out in self.engine.step():
                         self._send_output(out)
-                    self._report_failed()
         finally:
             self.close()
 
@@ -228,11 +227,6 @@ class Worker:
             )  # fmt: skip
         except Exception as exc:
             self._send(RequestError(msg.request_id, f"cannot decode offloaded: {exc}", 503))
-
-    def _report_failed(self) -> None:
-        while self.engine.failed:
-            request_id, reason = self.engine.failed.pop()
-            self._send(RequestError(request_id, reason, status=503))
 
     def _on_start(self, msg: StartDecode) -> None:
         entry = self._incoming.get(msg.request_id)

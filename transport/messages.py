@@ -56,6 +56,7 @@ class WorkerStats(msgspec.Struct, frozen=True):
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     aborts_total: int = 0
+    num_reclaimed: int = 0  # decode: offloaded requests taken back from a failed executor
 
 
 class Register(msgspec.Struct, tag=True, frozen=True):

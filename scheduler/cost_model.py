@@ -1,0 +1,165 @@
+"""The load-aware policy's cost model: decode step time, executor attention time and prefill time
+as linear functions of load, fitted by least squares from a device profile (`adrenaline
+profile`), and corrected online by the ratio of measured to predicted times while serving.
+
+Plain data and arithmetic; the only I/O is reading and writing a profile's JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+PROFILE_VERSION = 1
+CORRECTION_WEIGHT = 0.2  # EWMA weight of the newest measured/predicted ratio
+RATIO_LIMITS = (0.1, 10.0)  # one odd sample (a GC pause, a cold cache) moves the ratio at most this
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Times in milliseconds (a fitted intercept may be negative; predictions never are).
+
+    decode step   = a + b * batch + c * local context tokens   (one step of a decode worker)
+    decode layer  = decode step / num_layers                    (the window attention overlaps)
+    attention     = e0 + e1 * offloaded tokens + e2 * batch     (one layer, on the executor)
+    prefill       = p0 + p1 * prompt tokens                     (one prefill step)
+    """
+
+    num_layers: int
+    decode: tuple[float, float, float]
+    attention: tuple[float, float, float]
+    prefill: tuple[float, float]
+    model: str = ""
+    device: str = ""
+
+    def decode_step_ms(self, batch: int, context_tokens: int) -> float:
+        a, b, c = self.decode
+        return max(0.0, a + b * batch + c * context_tokens)
+
+    def decode_layer_ms(self, batch: int, context_tokens: int) -> float:
+        return self.decode_step_ms(batch, context_tokens) / self.num_layers
+
+    def attention_layer_ms(self, offloaded_tokens: int, batch: int) -> float:
+        if batch == 0:
+            return 0.0
+        e0, e1, e2 = self.attention
+        return max(0.0, e0 + e1 * offloaded_tokens + e2 * batch)
+
+    def prefill_ms(self, tokens: int) -> float:
+        p0, p1 = self.prefill
+        return max(0.0, p0 + p1 * tokens)
+
+    # Profiles ---------------------------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {"version": PROFILE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CostModel:
+        if data.get("version") != PROFILE_VERSION:
+            raise ProfileError(f"profile version {data.get('version')!r}, need {PROFILE_VERSION}")
+        try:
+            return cls(
+                num_layers=int(data["num_layers"]),
+                decode=_floats(data["decode"], 3),
+                attention=_floats(data["attention"], 3),
+                prefill=_floats(data["prefill"], 2),
+                model=str(data.get("model", "")),
+                device=str(data.get("device", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"malformed profile: {exc}") from exc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc}") from exc
+
+
+def builtin_profile() -> CostModel:
+    """The tiny model on this project's CPU machine: a starting point the correction adapts."""
+    text = resources.files("scheduler").joinpath("profiles/cpu_default.json").read_text()
+    return CostModel.from_json(json.loads(text))
+
+
+def _floats(values, n: int) -> tuple:
+    if len(values) != n:
+        raise ValueError(f"expected {n} coefficients, got {len(values)}")
+    return tuple(float(v) for v in values)
+
+
+# Fitting ----------------------------------------------------------------------------------------
+
+
+def fit_linear(features: list[tuple[float, ...]], targets: list[float]) -> tuple[float, ...]:
+    """Least squares for target = w0 + sum(w_i * feature_i). A slope that fits below zero is
+    dropped and the rest refitted (more load never takes less time)."""
+    x = np.asarray(features, dtype=np.float64).reshape(len(targets), -1)
+    y = np.asarray(targets, dtype=np.float64)
+    design = np.hstack([np.ones((len(y), 1)), x])
+    if len(y) < design.shape[1]:
+        raise ProfileError(f"{len(y)} samples cannot fit {design.shape[1]} coefficients")
+    keep = np.ones(design.shape[1], dtype=bool)
+    while True:
+        w = np.zeros(design.shape[1])
+        w[keep], *_ = np.linalg.lstsq(design[:, keep], y, rcond=None)
+        negative = np.flatnonzero(w[1:] < 0) + 1
+        if len(negative) == 0:
+            return tuple(round(float(v), 9) for v in w)
+        keep[negative[np.argmin(w[negative])]] = False  # the most negative slope goes first
+
+
+def fit_cost_model(
+    num_layers: int,
+    decode: list[tuple[int, int, float]],  # (batch, context tokens, step ms)
+    attention: list[tuple[int, int, float]],  # (offloaded tokens, batch, layer ms)
+    prefill: list[tuple[int, float]],  # (prompt tokens, step ms)
+    model: str = "",
+    device: str = "",
+) -> CostModel:
+    return CostModel(
+        num_layers=num_layers,
+        decode=fit_linear([(b, c) for b, c, _ in decode], [t for *_, t in decode]),
+        attention=fit_linear([(n, b) for n, b, _ in attention], [t for *_, t in attention]),
+        prefill=fit_linear([(n,) for n, _ in prefill], [t for _, t in prefill]),
+        model=model,
+        device=device,
+    )
+
+
+# Online correction ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Correction:
+    """Measured/predicted ratios, as moving averages, that scale the model's predictions."""
+
+    step: float = 1.0
+    attention: float = 1.0
+
+    def observe_step(self, predicted_ms: float, measured_ms: float) -> Correction:
+        return replace(self, step=_update(self.step, predicted_ms, measured_ms))
+
+    def observe_attention(self, predicted_ms: float, measured_ms: float) -> Correction:
+        return replace(self, attention=_update(self.attention, predicted_ms, measured_ms))
+
+
+def _update(ratio: float, predicted_ms: float, measured_ms: float) -> float:
+    if predicted_ms <= 0.0 or measured_ms <= 0.0:
+        return ratio  # nothing measured yet, or a model that predicts nothing to scale
+    low, high = RATIO_LIMITS
+    sample = min(max(measured_ms / predicted_ms, low), high)
+    return (1 - CORRECTION_WEIGHT) * ratio + CORRECTION_WEIGHT * sample

@@ -1,0 +1,223 @@
+"""`adrenaline bench --compare none,load-aware`: the same workload on the same hardware, one
+fresh deployment per offload policy, printed side by side, saved as JSON and a PNG plot.
+
+Besides the client-side figures it samples the router's /stats while the load runs, for what
+the policies change inside: the decode batch size reached and the share of requests offloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from server.bench import arrival_times, benchmark, build_requests, request_body
+from server.bench_metrics import aggregate
+
+ROWS = [
+    ("completed", "requests completed", "{:.0f}"),
+    ("request_throughput", "request throughput (req/s)", "{:.2f}"),
+    ("output_throughput", "output throughput (tok/s)", "{:.1f}"),
+    ("request_goodput", "goodput (req/s)", "{:.2f}"),
+    ("mean_ttft_ms", "mean TTFT (ms)", "{:.1f}"),
+    ("p99_ttft_ms", "p99 TTFT (ms)", "{:.1f}"),
+    ("mean_tpot_ms", "mean TPOT (ms)", "{:.2f}"),
+    ("p99_tpot_ms", "p99 TPOT (ms)", "{:.2f}"),
+    ("max_decode_batch", "decode batch size reached", "{:.0f}"),
+    ("offload_ratio", "offload ratio", "{:.2f}"),
+]
+
+
+def add_compare_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("compare policies")
+    g.add_argument(
+        "--compare",
+        default=None,
+        metavar="P1,P2",
+        help="offload policies to compare, each on a fresh `adrenaline serve`",
+    )
+    g.add_argument(
+        "--request-rates",
+        default=None,
+        metavar="R1,R2",
+        help="with --compare: rates to sweep (default: --request-rate)",
+    )
+    g.add_argument(
+        "--serve-args",
+        default="--model tiny",
+        help="with --compare: flags for each `adrenaline serve`",
+    )
+    g.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="with --compare: throughput against rate and TPOT CDF",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `adrenaline serve` in its own process group, stopped whatever happens."""
+
+    def __init__(self, policy: str, serve_args: str, timeout_s: float = 600.0) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        script = Path(sys.executable).parent / "adrenaline"
+        argv = [str(script), "serve", "--port", self.url.rsplit(":", 1)[1],
+                "--control", f"tcp://127.0.0.1:{_free_port()}", "--offload-policy", policy,
+                "--log-level", "WARNING", *shlex.split(serve_args)]  # fmt: skip
+        self.proc = subprocess.Popen(argv, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve ({policy}) exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"serve ({policy}) did not become healthy")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+async def _sample_stats(url: str, seen: dict, stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(timeout=2) as client:
+        while not stop.is_set():
+            try:
+                stats = (await client.get(f"{url}/stats")).json()
+            except (httpx.HTTPError, ValueError):
+                stats = None
+            if stats:
+                for w in stats["workers"].values():
+                    if w["role"] == "decode":
+                        seen["max_decode_batch"] = max(seen["max_decode_batch"], w["num_running"])
+            await asyncio.sleep(0.2)
+
+
+async def _run_load(url: str, args, bodies, prompt_lens, offsets):
+    seen = {"max_decode_batch": 0}
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_stats(url, seen, stop))
+    try:
+        records, duration = await benchmark(
+            url + args.endpoint, bodies, prompt_lens, offsets, args.max_concurrency,
+            args.timeout, sse=args.endpoint != "/generate", show_progress=False,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        await sampler
+    return records, duration, seen
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    policies = [p.strip() for p in args.compare.split(",") if p.strip()]
+    rates = [float(r) for r in (args.request_rates or str(args.request_rate)).split(",")]
+    requests = build_requests(args)
+    results: dict[str, list[dict]] = {}
+    for policy in policies:
+        server = Server(policy, args.serve_args)
+        try:
+            model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+            bodies = [request_body(args.endpoint, model, r, args.ignore_eos) for r in requests]
+            for rate in rates:
+                before = httpx.get(f"{server.url}/stats", timeout=10).json()["requests"]
+                offsets = arrival_times(len(requests), rate, args.seed)
+                records, duration, seen = asyncio.run(
+                    _run_load(server.url, args, bodies, [r.prompt_len for r in requests], offsets)
+                )
+                after = httpx.get(f"{server.url}/stats", timeout=10).json()["requests"]
+                row = aggregate(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+                done = max(1, after["finished"] - before["finished"])
+                row.update(seen, offload_ratio=(after["offloaded"] - before["offloaded"]) / done,
+                           request_rate=rate, policy=policy,
+                           tpots_ms=[r.tpot * 1000 for r in records if r.success and r.tpot])  # fmt: skip
+                results.setdefault(policy, []).append(row)
+        finally:
+            server.stop()
+    print(format_comparison(results, rates), flush=True)
+    if args.save_result:
+        Path(args.save_result).write_text(json.dumps(_jsonable(results), indent=2))
+    if args.plot:
+        plot_comparison(results, args.plot)
+    return 0
+
+
+def format_comparison(results: dict[str, list[dict]], rates: list[float]) -> str:
+    policies = list(results)
+    lines = []
+    for i, rate in enumerate(rates):
+        lines.append(f"==== request rate {rate:g} req/s " + "=" * 30)
+        lines.append(f"{'':<30}" + "".join(f"{p:>16}" for p in policies))
+        for key, label, fmt in ROWS:
+            cells = []
+            for p in policies:
+                value = results[p][i].get(key)
+                cells.append("-" if value is None else fmt.format(value))
+            lines.append(f"{label:<30}" + "".join(f"{c:>16}" for c in cells))
+        if len(policies) == 2:
+            a, b = (results[p][i]["output_throughput"] for p in policies)
+            if a:
+                lines.append(f"{policies[1]} / {policies[0]} output throughput: {b / a:.2f}x")
+    return "\n".join(lines)
+
+
+def plot_comparison(results: dict[str, list[dict]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("adrenaline bench: matplotlib is not installed; no plot", file=sys.stderr)
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for policy, rows in results.items():
+        left.plot([r["request_rate"] for r in rows], [r["output_throughput"] for r in rows],
+                  marker="o", label=policy)  # fmt: skip
+        tpots = sorted(rows[-1]["tpots_ms"])
+        if tpots:
+            right.plot(tpots, [(i + 1) / len(tpots) for i in range(len(tpots))], label=policy)
+    left.set(xlabel="request rate (req/s)", ylabel="output tokens/s", title="Throughput")
+    right.set(xlabel="TPOT (ms)", ylabel="fraction of requests", title="TPOT CDF (last rate)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

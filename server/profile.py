@@ -1,0 +1,201 @@
+"""`adrenaline profile`: measures this device with the real engine pieces and fits the load-aware
+policy's cost model: decode step time against batch and context (LLMEngine), executor attention
+per layer against offloaded tokens and batch (AttentionExecutor over an offload pool), prefill
+time against prompt tokens. Writes the profile JSON that `serve`/`router --profile` read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from attention.executor import AttentionExecutor
+from attention.selector import select_backend
+from engine.config import EngineConfig, ModelConfig, parse_dtype
+from engine.engine import LLMEngine
+from engine.model_source import resolve_model
+from engine.sequence import SamplingParams
+from scheduler.cost_model import CostModel, fit_cost_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Grid:
+    batches: tuple[int, ...]
+    context: tuple[int, ...]  # tokens per request
+    prompts: tuple[int, ...]  # prefill sizes
+    steps: int  # timed repetitions per point
+
+
+GRIDS = {
+    "full": Grid((1, 4, 16, 32), (64, 256, 1024), (64, 256, 1024, 2048), 8),
+    "quick": Grid((1, 4, 16), (32, 128, 512), (32, 128, 512), 8),
+    "tiny": Grid((1, 4), (16, 64), (16, 64), 2),  # for tests: seconds, not a usable profile
+}
+
+
+def add_profile_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("profile")
+    g.add_argument("--output", required=True, metavar="FILE.json")
+    g.add_argument("--quick", action="store_true", help="a small grid (under a minute on CPU)")
+    g.add_argument("--grid", choices=sorted(GRIDS), default=None, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="CPU threads, as a worker will have them (0: torch's default)",
+    )
+
+
+def run_profile(args: argparse.Namespace, config: EngineConfig) -> int:
+    grid = GRIDS[args.grid or ("quick" if args.quick else "full")]
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    model = profile(config, grid)
+    model.save(args.output)
+    print(f"wrote {args.output}: {model.to_json()}", flush=True)
+    return 0
+
+
+def profile(config: EngineConfig, grid: Grid) -> CostModel:
+    cfg = ModelConfig.from_model_dir(resolve_model(config.model))
+    limit = min(config.batch.max_model_len, cfg.max_position_embeddings) - grid.steps - 2
+    grid = replace(
+        grid,
+        context=tuple(c for c in grid.context if c <= limit) or (limit,),
+        prompts=tuple(p for p in grid.prompts if p <= limit) or (limit,),
+    )
+    engine = LLMEngine(_sized(config, grid))
+    started = time.perf_counter()
+    decode = measure_decode(engine, grid)
+    prefill = measure_prefill(engine, grid)
+    attention = measure_attention(config, cfg, grid)
+    log.info("profiled in %.1f s", time.perf_counter() - started)
+    return fit_cost_model(
+        cfg.num_layers, decode, attention, prefill, model=config.model, device=config.device
+    )
+
+
+def _sized(config: EngineConfig, grid: Grid) -> EngineConfig:
+    """Room for the largest grid point (and one longest sequence, as the engine insists), and
+    whole prompts in one step."""
+    bs = config.cache.block_size
+    most = max(max(grid.batches) * (max(grid.context) + grid.steps + 2), max(grid.prompts))
+    blocks = max(max(grid.batches) + -(-most // bs), -(-config.batch.max_model_len // bs)) + 8
+    return replace(
+        config,
+        cache=replace(config.cache, num_blocks=blocks, enable_prefix_caching=False),
+        batch=replace(
+            config.batch,
+            max_num_seqs=max(config.batch.max_num_seqs, max(grid.batches)),
+            max_num_batched_tokens=max(config.batch.max_num_batched_tokens, most),
+        ),
+    )
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Milliseconds one call takes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) * 1000
+
+
+def measure_decode(engine: LLMEngine, grid: Grid) -> list[tuple[int, int, float]]:
+    """(batch, local context tokens, decode step ms) over the grid."""
+    gen = torch.Generator().manual_seed(0)
+    # The first point runs twice: its first run only warms up the model's kernels and buffers.
+    points = [(grid.batches[0], grid.context[0])]
+    points += [(b, c) for b in grid.batches for c in grid.context]
+    samples = [
+        _decode_point(engine, f"d{n}", b, c, grid.steps, gen) for n, (b, c) in enumerate(points)
+    ]
+    return samples[1:]
+
+
+def _decode_point(
+    engine: LLMEngine, tag: str, batch: int, context: int, steps: int, gen: torch.Generator
+) -> tuple[int, int, float]:
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=1 << 20, temperature=0, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for request_id in ids:
+        engine.add_request(
+            request_id, torch.randint(0, vocab, (context,), generator=gen).tolist(), params
+        )
+    while any(engine.requests[i].num_computed_tokens < context for i in ids):
+        engine.step()
+    engine.step()  # one untimed decode step: allocations settle
+    times = [_timed(engine.step, engine.runner.device) for _ in range(steps)]
+    for request_id in ids:
+        engine.abort(request_id)
+    # Context is the KV read per step, at the middle of the timed steps.
+    return batch, batch * (context + 1 + steps // 2), _typical(times)
+
+
+def measure_prefill(engine: LLMEngine, grid: Grid) -> list[tuple[int, float]]:
+    """(prompt tokens, prefill step ms): whole prompts, one per step."""
+    samples = []
+    device, vocab = engine.runner.device, engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(1)
+    for tokens in grid.prompts:
+        times = []
+        for rep in range(1 + max(2, grid.steps // 2)):
+            prompt = torch.randint(0, vocab, (tokens,), generator=gen).tolist()
+            engine.add_request(f"p{tokens}-{rep}", prompt, params)
+            elapsed = _timed(engine.step, device)
+            engine.abort(f"p{tokens}-{rep}")
+            if rep:  # the first of each size is a warm-up
+                times.append(elapsed)
+        samples.append((tokens, _typical(times)))
+    return samples
+
+
+def measure_attention(
+    config: EngineConfig, cfg: ModelConfig, grid: Grid
+) -> list[tuple[int, int, float]]:
+    """(offloaded tokens, batch, ms of one layer's attention) on an executor with one layer."""
+    device, dtype = torch.device(config.device), parse_dtype(config.dtype)
+    bs = config.cache.block_size
+    blocks = max(grid.batches) * (-(-(max(grid.context) + 2) // bs)) + 8
+    pool = torch.zeros(
+        (1, 2, blocks, bs, cfg.num_kv_heads, cfg.head_dim), dtype=dtype, device=device
+    )
+    backend_cls = select_backend(config.attention_backend, device, dtype, bs)
+    backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+    executor = AttentionExecutor(pool, backend)
+    samples = []
+    for batch in grid.batches:
+        for context in grid.context:
+            ids = [f"a{batch}-{context}-{i}" for i in range(batch)]
+            for request_id in ids:
+                executor.reserve(request_id, context)
+                executor.mark_ready(request_id)
+            step = executor.prepare(ids, [context] * batch)
+            q = torch.randn(batch, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
+            k = torch.randn(batch, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+
+            def attend(step=step, q=q, k=k):
+                executor.attend(0, step, q, k, k)
+
+            attend()
+            times = [_timed(attend, device) for _ in range(grid.steps)]
+            samples.append((batch * (context + 1), batch, _typical(times)))
+            for request_id in ids:
+                executor.release(request_id)
+    return samples
+
+
+def _typical(values: list[float]) -> float:
+    """The lower quartile: on a shared machine, slow outliers are other processes' doing."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 4]

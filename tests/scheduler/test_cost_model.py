@@ -1,0 +1,86 @@
+"""The cost model: least squares recovers known coefficients, profiles round-trip through JSON,
+and the online correction moves predictions toward measurements."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from scheduler.cost_model import (
+    Correction,
+    CostModel,
+    ProfileError,
+    builtin_profile,
+    fit_cost_model,
+    fit_linear,
+)
+
+MODEL = CostModel(
+    num_layers=4, decode=(2.0, 0.05, 0.001), attention=(0.1, 0.0002, 0.01), prefill=(3.0, 0.02)
+)
+
+
+def test_fit_recovers_known_coefficients_from_noisy_samples():
+    rng = random.Random(0)
+    decode, attention, prefill = [], [], []
+    for batch in (1, 2, 4, 8, 16, 32):
+        for tokens in (64, 256, 1024, 4096):
+            noise = 1 + rng.uniform(-0.01, 0.01)
+            decode.append(
+                (batch, batch * tokens, MODEL.decode_step_ms(batch, batch * tokens) * noise)
+            )
+            attention.append(
+                (batch * tokens, batch, MODEL.attention_layer_ms(batch * tokens, batch) * noise)
+            )
+    prefill = [(n, MODEL.prefill_ms(n)) for n in (16, 64, 256, 1024)]
+    fitted = fit_cost_model(4, decode, attention, prefill)
+    for got, want in [(fitted.decode, MODEL.decode), (fitted.attention, MODEL.attention)]:
+        assert got == pytest.approx(want, rel=0.05, abs=1e-3)
+    assert fitted.prefill == pytest.approx(MODEL.prefill, rel=1e-6)
+
+
+def test_a_slope_that_fits_negative_is_dropped():
+    # Time falls with the second feature only by noise: its slope must not go below zero.
+    features = [(b, c) for b in (1, 2, 4) for c in (10, 20, 30)]
+    targets = [1.0 + 0.5 * b - 0.001 * c for b, c in features]
+    w = fit_linear(features, targets)
+    assert w[2] == 0.0 and w[1] == pytest.approx(0.5, rel=0.01)
+    with pytest.raises(ProfileError):
+        fit_linear([(1.0, 2.0)], [3.0])
+
+
+def test_profile_json_round_trip(tmp_path):
+    path = tmp_path / "profile.json"
+    MODEL.save(path)
+    assert CostModel.load(path) == MODEL
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(ProfileError, match="version"):
+        CostModel.load(path)
+    with pytest.raises(ProfileError):
+        CostModel.load(tmp_path / "missing.json")
+
+
+def test_builtin_profile_loads_and_predicts_positive_times():
+    model = builtin_profile()
+    assert model.num_layers > 0
+    assert model.decode_step_ms(8, 4096) > 0 and model.attention_layer_ms(4096, 8) > 0
+    assert model.attention_layer_ms(0, 0) == 0.0  # no offloaded request: no executor work
+
+
+def test_per_layer_time_is_step_time_over_layers():
+    assert MODEL.decode_layer_ms(10, 1000) == pytest.approx(MODEL.decode_step_ms(10, 1000) / 4)
+
+
+def test_correction_moves_predictions_toward_measurements():
+    c = Correction()
+    errors = []
+    for _ in range(30):
+        errors.append(abs(10.0 * c.step - 20.0))
+        c = c.observe_step(predicted_ms=10.0, measured_ms=20.0)
+    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert c.step == pytest.approx(2.0, rel=0.01)
+    assert c.attention == 1.0  # the other ratio is untouched
+    assert c.observe_attention(0.0, 5.0) == c  # nothing predicted: nothing to scale

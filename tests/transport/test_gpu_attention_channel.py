@@ -1,0 +1,172 @@
+"""The per-layer links beyond shared memory, between two real processes: the P2P link on gloo
+(CPU), and the CUDA IPC link with GPU-side signals (gpu, skipped without CUDA).
+
+The executor side runs in a child that answers each layer with out = 2 q + seq_no, so the
+decode side checks exact equality of every layer of every step.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from transport.attention_channel import StepRefused
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS, STEPS, ROWS = 3, 2, 4
+SHAPE = dict(max_rows=8, num_heads=4, num_kv_heads=2, head_dim=8)
+
+EXECUTOR = """
+import json, sys, torch
+from attention.executor_worker import open_executor_link
+endpoint, layers, steps, rows, refuse_step = json.loads(sys.argv[1])
+if endpoint["kind"] == "cuda_ipc":
+    torch.cuda.set_device(0)
+link = open_executor_link(endpoint)
+for step in range(steps):
+    first = step * layers + 1
+    link.begin_step(step, rows, first)
+    if step == refuse_step:
+        link.refuse(step, first + layers - 1)
+        continue
+    for layer in range(layers):
+        q, k, v = link.receive(first + layer, 10.0)
+        link.respond(first + layer, q * 2 + (first + layer))
+    link.check()
+if endpoint["kind"] == "cuda_ipc":
+    torch.cuda.synchronize()
+print("executor done", flush=True)
+link.close()
+"""
+
+
+def _start_executor(endpoint: dict, refuse_step: int = -1) -> subprocess.Popen:
+    args = json.dumps([endpoint, LAYERS, STEPS, ROWS, refuse_step])
+    return subprocess.Popen(
+        [sys.executable, "-c", EXECUTOR, args], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def executors() -> Iterator[list[subprocess.Popen]]:
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _run_decode_side(link, device: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for step in range(STEPS):
+        for layer in range(LAYERS):
+            seq_no = step * LAYERS + layer + 1
+            q = torch.randn(ROWS, SHAPE["num_heads"], SHAPE["head_dim"], generator=gen).to(device)
+            k = torch.randn(ROWS, SHAPE["num_kv_heads"], SHAPE["head_dim"], generator=gen)
+            link.post(seq_no, q, k.to(device), (k + 1).to(device))
+            out = link.collect(seq_no, step, ROWS, 10.0)
+            if layer == LAYERS - 1:
+                link.check()
+            assert torch.equal(out.cpu(), (q * 2 + seq_no).cpu())
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "executor done" in stdout
+
+
+def test_gloo_link_between_processes(executors) -> None:
+    from transport.nccl_attention_channel import P2PDecodeSideLink
+
+    link = P2PDecodeSideLink("gloo", **SHAPE, dtype=torch.float32, device="cpu")
+    assert json.loads(json.dumps(link.endpoint)) == link.endpoint  # msgpack-able plain data
+    executors.append(_start_executor(link.endpoint))
+    try:
+        _run_decode_side(link, "cpu")
+    finally:
+        link.close()
+    _finish(executors[0])
+
+
+def test_gloo_link_reports_a_refused_step(executors) -> None:
+    from transport.nccl_attention_channel import P2PDecodeSideLink
+
+    link = P2PDecodeSideLink("gloo", **SHAPE, dtype=torch.float32, device="cpu")
+    executors.append(_start_executor(link.endpoint, refuse_step=0))
+    q = torch.zeros(ROWS, SHAPE["num_heads"], SHAPE["head_dim"])
+    k = torch.zeros(ROWS, SHAPE["num_kv_heads"], SHAPE["head_dim"])
+    link.post(1, q, k, k)
+    with pytest.raises(StepRefused):
+        link.collect(1, 0, ROWS, 10.0)
+    for seq_no in range(2, LAYERS + 1):  # the rest of the refused step is still answered
+        link.post(seq_no, q, k, k)
+        with pytest.raises(StepRefused):
+            link.collect(seq_no, 0, ROWS, 10.0)
+    for layer in range(LAYERS):  # and the next step runs normally
+        seq_no = LAYERS + layer + 1
+        link.post(seq_no, q + 1, k, k)
+        assert torch.equal(link.collect(seq_no, 1, ROWS, 10.0), (q + 1) * 2 + seq_no)
+    link.close()
+    _finish(executors[0])
+
+
+def test_gpu_signal_is_importable_without_a_gpu() -> None:
+    from attention import gpu_signal
+
+    assert gpu_signal.backend() in ("stream_memops", "triton", "none")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_ipc_link_between_processes(executors) -> None:
+    from attention import gpu_signal
+    from transport.cuda_attention_channel import CudaDecodeSideLink
+
+    if gpu_signal.backend() == "none":
+        pytest.skip("needs cuda-python or triton for GPU signals")
+    link = CudaDecodeSideLink(**SHAPE, dtype=torch.float32, device="cuda")
+    executors.append(_start_executor(link.endpoint))
+    try:
+        _run_decode_side(link, "cuda")
+    finally:
+        link.close()
+    _finish(executors[0])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_ipc_link_reports_a_refused_step(executors) -> None:
+    from attention import gpu_signal
+    from transport.cuda_attention_channel import CudaDecodeSideLink
+
+    if gpu_signal.backend() == "none":
+        pytest.skip("needs cuda-python or triton for GPU signals")
+    link = CudaDecodeSideLink(**SHAPE, dtype=torch.float32, device="cuda")
+    executors.append(_start_executor(link.endpoint, refuse_step=0))
+    q = torch.zeros(ROWS, SHAPE["num_heads"], SHAPE["head_dim"], device="cuda")
+    k = torch.zeros(ROWS, SHAPE["num_kv_heads"], SHAPE["head_dim"], device="cuda")
+    for seq_no in range(1, LAYERS + 1):
+        link.post(seq_no, q, k, k)
+        link.collect(seq_no, 0, ROWS, 10.0)
+    with pytest.raises(StepRefused):
+        link.check()
+    for layer in range(LAYERS):
+        seq_no = LAYERS + layer + 1
+        link.post(seq_no, q + 1, k, k)
+        out = link.collect(seq_no, 1, ROWS, 10.0)
+    link.check()
+    assert torch.equal(out, (q + 1) * 2 + 2 * LAYERS)
+    link.close()
+    _finish(executors[0])

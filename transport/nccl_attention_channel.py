@@ -1,0 +1,205 @@
+"""The per-layer path between a decode worker and an attention executor on different hosts:
+point-to-point send/recv in one fixed order on a 2-rank group of the pair (NCCL for GPU
+tensors, gloo for CPU ones), built on the decode worker's TCPStore without a global group.
+
+Per layer, decode -> executor: header [seq_no, rows], q, k, v; executor -> decode: header
+[seq_no, refused step + 1 or 0], out. Both sides know the row count from the step plan, so no
+host reads a header to size a receive. With NCCL, `.wait()` only orders the current stream
+after the transfer, so nothing syncs the host until `check()` at the step's end; gloo blocks
+per call and the decode side checks each header at once. A refused step is still answered
+layer by layer (its inputs drained), since every send needs its matching receive.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from transport.attention_channel import ChannelTimeout, StepRefused
+from transport.gloo_transfer import _make_group
+from transport.kv_transfer import Endpoint, dtype_from_str, dtype_to_str
+
+DECODE_RANK, EXECUTOR_RANK = 0, 1
+_TAG = 0  # gloo keeps one tag's messages in order; NCCL ignores tags
+
+
+class _Buffers:
+    def __init__(
+        self, max_rows: int, num_heads: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:  # fmt: skip
+        self.max_rows = max_rows
+        self.device = device
+        self.q = torch.empty(max_rows, num_heads, head_dim, dtype=dtype, device=device)
+        self.k = torch.empty(max_rows, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.out = torch.empty_like(self.q)
+
+
+def _transfer(op, tensor: torch.Tensor, peer: int, timeout_s: float) -> None:
+    try:
+        op([tensor], peer, _TAG).wait(timedelta(seconds=timeout_s))
+    except Exception as exc:  # gloo raises on a timeout or a dead peer; the group is then spent
+        raise ChannelTimeout(f"point-to-point transfer failed: {exc}") from exc
+
+
+class P2PDecodeSideLink:
+    """Created by the decode worker; the executor joins the pair group when it attaches."""
+
+    def __init__(
+        self,
+        backend: str,
+        max_rows: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        host: str = "127.0.0.1",
+        connect_timeout_s: float = 30.0,
+    ) -> None:
+        self.buffers = _Buffers(max_rows, num_heads, num_kv_heads, head_dim, dtype,
+                                torch.device(device))  # fmt: skip
+        self.backend = backend
+        self.store = dist.TCPStore(
+            host, 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
+        )
+        self.endpoint: Endpoint = {
+            "kind": backend,
+            "host": host,
+            "port": int(self.store.port),
+            "max_rows": max_rows,
+            "num_heads": num_heads,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "dtype": dtype_to_str(dtype),
+            "connect_timeout_s": int(connect_timeout_s),
+        }
+        self.connect_timeout_s = connect_timeout_s
+        self.group: dist.ProcessGroup | None = None
+        self._join_error: Exception | None = None
+        # Joining blocks until the executor joins, after it receives the endpoint.
+        self._joiner = threading.Thread(target=self._join, name="attn-link-join", daemon=True)
+        self._joiner.start()
+        self._headers: list[tuple[int, int, torch.Tensor]] = []  # (seq_no, step_id, header)
+
+    def _join(self) -> None:
+        try:
+            self.group = _make_group(self.backend, self.store, DECODE_RANK, self.connect_timeout_s)
+        except Exception as exc:
+            self._join_error = exc
+
+    def _group(self) -> dist.ProcessGroup:
+        self._joiner.join(self.connect_timeout_s)
+        if self.group is None:
+            raise ChannelTimeout(f"the executor never joined the link: {self._join_error}")
+        return self.group
+
+    def post(self, seq_no: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        group, n, b = self._group(), q.shape[0], self.buffers
+        header = torch.tensor([seq_no, n], dtype=torch.int64, device=b.device)
+        _transfer(group.send, header, EXECUTOR_RANK, self.connect_timeout_s)
+        for src, buf in ((q, b.q), (k, b.k), (v, b.v)):
+            buf[:n].copy_(src)  # contiguous and ours until the send completes
+            _transfer(group.send, buf[:n], EXECUTOR_RANK, self.connect_timeout_s)
+
+    def collect(
+        self,
+        seq_no: int,
+        step_id: int,
+        n: int,
+        timeout_s: float,
+        on_idle: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        group, b = self._group(), self.buffers
+        header = torch.empty(2, dtype=torch.int64, device=b.device)
+        _transfer(group.recv, header, EXECUTOR_RANK, timeout_s)
+        out = torch.empty_like(b.out[:n])
+        _transfer(group.recv, out, EXECUTOR_RANK, timeout_s)
+        self._headers.append((seq_no, step_id, header))
+        if b.device.type == "cpu":
+            self.check()  # free on the CPU: fail at the layer, as the shared-memory link does
+        return out
+
+    def check(self, on_idle: Callable[[], None] | None = None) -> None:
+        """Run at the step's end (one host sync): raises for an out-of-step or refused layer."""
+        headers, self._headers = self._headers, []
+        if not headers:
+            return
+        got = torch.stack([h for _, _, h in headers]).tolist()
+        for (seq_no, step_id, _), (answered, refused) in zip(headers, got):
+            if refused == step_id + 1:
+                raise StepRefused(f"the executor refused step {step_id}")
+            if answered != seq_no:
+                raise ChannelTimeout(f"out of step: expected {seq_no}, the executor answered "
+                                     f"{answered}")  # fmt: skip
+
+    def close(self) -> None:
+        self.group = None
+        self._headers.clear()
+
+
+class P2PExecutorSideLink:
+    """The executor's end; joins the pair group on the decode worker's store."""
+
+    def __init__(self, endpoint: Endpoint, device: torch.device | str | None = None) -> None:
+        self.backend = str(endpoint["kind"])
+        if device is None:
+            device = "cuda" if self.backend == "nccl" else "cpu"
+        dtype = dtype_from_str(str(endpoint["dtype"]))
+        self.buffers = _Buffers(
+            int(endpoint["max_rows"]), int(endpoint["num_heads"]), int(endpoint["num_kv_heads"]),
+            int(endpoint["head_dim"]), dtype, torch.device(device),
+        )  # fmt: skip
+        timeout_s = float(endpoint.get("connect_timeout_s", 30))
+        store = dist.TCPStore(
+            str(endpoint["host"]), int(endpoint["port"]), is_master=False,
+            wait_for_workers=False, timeout=timedelta(seconds=timeout_s),
+        )  # fmt: skip
+        self.group = _make_group(self.backend, store, EXECUTOR_RANK, timeout_s)
+        self.store = store
+        self.rows = 0
+        self.step_id = 0
+        self.next_seq_no = 0
+
+    def begin_step(self, step_id: int, rows: int, first_seq_no: int) -> None:
+        if rows > self.buffers.max_rows:
+            raise ValueError(f"{rows} rows exceed the link's {self.buffers.max_rows}")
+        self.step_id, self.rows, self.next_seq_no = step_id, rows, first_seq_no
+
+    def receive(self, seq_no: int, timeout_s: float):
+        b, n = self.buffers, self.rows
+        header = torch.empty(2, dtype=torch.int64, device=b.device)
+        _transfer(self.group.recv, header, DECODE_RANK, timeout_s)
+        for buf in (b.q, b.k, b.v):
+            _transfer(self.group.recv, buf[:n], DECODE_RANK, timeout_s)
+        if b.device.type == "cpu" and int(header[0]) != seq_no:
+            raise ChannelTimeout(f"step superseded (expected {seq_no}, got {int(header[0])})")
+        self.next_seq_no = seq_no + 1
+        return b.q[:n], b.k[:n], b.v[:n]
+
+    def respond(self, seq_no: int, out: torch.Tensor, refused_step: int = -1) -> None:
+        b = self.buffers
+        header = torch.tensor([seq_no, refused_step + 1], dtype=torch.int64, device=b.device)
+        _transfer(self.group.send, header, DECODE_RANK, 30.0)
+        b.out[: out.shape[0]].copy_(out)
+        _transfer(self.group.send, b.out[: out.shape[0]], DECODE_RANK, 30.0)
+
+    def refuse(self, step_id: int, last_seq_no: int, timeout_s: float = 30.0) -> None:
+        """Answers the step's remaining layers, marked refused, draining their inputs."""
+        blank = torch.zeros_like(self.buffers.out[: self.rows])
+        for seq_no in range(self.next_seq_no, last_seq_no + 1):
+            self.receive(seq_no, timeout_s)
+            self.respond(seq_no, blank, refused_step=step_id)
+
+    def check(self, on_idle: Callable[[], None] | None = None) -> None:
+        """Run at the step's end: with NCCL, the step's transfers are then complete."""
+        if self.buffers.device.type == "cuda":
+            torch.cuda.current_stream(self.buffers.device).synchronize()
+
+    def close(self) -> None:
+        self.group = None
