@@ -32,6 +32,18 @@ from engine.tokenizer import Tokenizer, find_stop, partial_stop_len
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """Where a prefill worker stopped: what another worker needs to continue exactly."""
+
+    prompt_token_ids: list[int]
+    first_token: int
+    first_logprob: float | None
+    params: SamplingParams
+    generator_state: bytes | None  # the sampler's random state after the first token
+    text_sent: int  # characters of output text already reported
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -246,21 +258,9 @@ class LLMEngine:
         if seq is not None:
             self.batcher.finish(seq, FinishReason.STOP)
 
-    def reserve_prefilled(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        first_token: int,
-        first_logprob: float | None,
-        params: SamplingParams,
-        generator_state: bytes | None,
-        text_sent: int,
-    ) -> list[int]:
+    def reserve_prefilled(self, request_id: str, handoff: Handoff) -> list[int]:
         """Reserves fresh blocks for a request prefilled elsewhere; returns its block table."""
-        seq = self._continued(
-            request_id, prompt_token_ids, first_token, first_logprob, params, generator_state,
-            text_sent,
-        )  # fmt: skip
+        seq = self._continued(request_id, handoff)
         if not self.block_manager.can_allocate(seq, use_prefix_cache=False):
             raise OutOfBlocksError(f"no free KV blocks for {request_id} on this decode worker")
         self.block_manager.allocate(seq, use_prefix_cache=False)
@@ -277,22 +277,9 @@ class LLMEngine:
         self.block_manager.commit_computed_blocks(seq)
         self.batcher.add_prefilled(seq)
 
-    def start_offloaded(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        first_token: int,
-        first_logprob: float | None,
-        params: SamplingParams,
-        generator_state: bytes | None,
-        text_sent: int,
-        executor: str,
-    ) -> None:
+    def start_offloaded(self, request_id: str, handoff: Handoff, executor: str) -> None:
         """Decodes a request whose KV an attention executor holds; no block is reserved here."""
-        seq = self._continued(
-            request_id, prompt_token_ids, first_token, first_logprob, params, generator_state,
-            text_sent,
-        )  # fmt: skip
+        seq = self._continued(request_id, handoff)
         seq.executor = executor
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.status = SequenceStatus.RESERVED
@@ -300,26 +287,21 @@ class LLMEngine:
         self.requests_total += 1
         self.batcher.add_prefilled(seq)
 
-    def _continued(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        first_token: int,
-        first_logprob: float | None,
-        params: SamplingParams,
-        generator_state: bytes | None,
-        text_sent: int,
-    ) -> Sequence:
+    def _continued(self, request_id: str, handoff: Handoff) -> Sequence:
         """A sequence picking up where a prefill worker stopped: its first token sampled (and
         partly reported), its sampler's random state carried over."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_token_ids, params, generator=self._generator(params))
-        if generator_state is not None and seq.generator is not None:
-            seq.generator.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
-        seq.append_token(first_token, first_logprob)
+        params = handoff.params
+        seq = Sequence(
+            request_id, handoff.prompt_token_ids, params, generator=self._generator(params)
+        )
+        if handoff.generator_state is not None and seq.generator is not None:
+            state = torch.frombuffer(bytearray(handoff.generator_state), dtype=torch.uint8)
+            seq.generator.set_state(state)
+        seq.append_token(handoff.first_token, handoff.first_logprob)
         seq.text = self.tokenizer.decode(seq.output_token_ids)
-        seq.text_sent, seq.tokens_sent = text_sent, 1
+        seq.text_sent, seq.tokens_sent = handoff.text_sent, 1
         return seq
 
     def _reclaim_offloaded(self, executor: str) -> None:

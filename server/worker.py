@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import msgspec
 import zmq
 
-from engine.engine import LLMEngine, RequestOutput
+from engine.engine import Handoff, LLMEngine, RequestOutput
 from engine.sequence import InvalidRequestError, sampling_params
 from server.offload_client import OffloadClient
 from transport.kv_transfer import KVPoolHost, KVSender
@@ -200,15 +200,7 @@ class Worker:
             return
         assert self.kv_host is not None, "a decode worker hosts a KV pool"
         try:
-            block_ids = self.engine.reserve_prefilled(
-                msg.request_id,
-                msg.prompt_token_ids,
-                msg.first_token,
-                msg.first_logprob,
-                sampling_params(msg.sampling),
-                msg.generator_state,
-                msg.text_sent,
-            )
+            block_ids = self.engine.reserve_prefilled(msg.request_id, handoff_of(msg))
         except Exception as exc:  # out of blocks or a bad request: the router decides
             self._send(DecodeReserved(msg.request_id, [], error=str(exc)))
             return
@@ -221,10 +213,7 @@ class Worker:
         assert self.offload is not None, "this decode worker takes no offloaded requests"
         try:
             self.offload.connect(msg.executor, msg.executor_address)
-            self.engine.start_offloaded(
-                msg.request_id, msg.prompt_token_ids, msg.first_token, msg.first_logprob,
-                sampling_params(msg.sampling), msg.generator_state, msg.text_sent, msg.executor,
-            )  # fmt: skip
+            self.engine.start_offloaded(msg.request_id, handoff_of(msg), msg.executor)
         except Exception as exc:
             self._send(RequestError(msg.request_id, f"cannot decode offloaded: {exc}", 503))
 
@@ -272,6 +261,17 @@ class Worker:
                 generator_state=out.generator_state,
             )
         )
+
+
+def handoff_of(msg: ReserveDecode) -> Handoff:
+    return Handoff(
+        prompt_token_ids=msg.prompt_token_ids,
+        first_token=msg.first_token,
+        first_logprob=msg.first_logprob,
+        params=sampling_params(msg.sampling),
+        generator_state=msg.generator_state,
+        text_sent=msg.text_sent,
+    )
 
 
 def _error_text(future: Future) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.engine import Handoff
 from engine.llm import LLM
 from engine.sequence import SamplingParams
 
@@ -85,7 +86,9 @@ def test_abort_of_held_and_reserved_requests_frees_blocks(engines):
     while p.has_unfinished():
         p.step()
     assert p.stats()["num_free_blocks"] < p.stats()["num_blocks"]
-    dst = d.reserve_prefilled("held", PROMPTS[1], 3, None, SamplingParams(max_tokens=5), None, 0)
+    dst = d.reserve_prefilled(
+        "held", Handoff(PROMPTS[1], 3, None, SamplingParams(max_tokens=5), None, 0)
+    )
     assert len(dst) == 3  # 38 tokens in 16-token blocks
     assert p.abort("held") and d.abort("held")
     for engine in (p, d):
