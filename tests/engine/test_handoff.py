@@ -34,15 +34,11 @@ def run_disaggregated(prefill: LLM, decode: LLM, prompts, params: SamplingParams
             continue
         assert out.handoff and out.generator_state is not None or params.greedy
         src = p.held_block_table(rid)
-        dst = d.reserve_prefilled(
-            rid,
-            out.prompt_token_ids,
-            out.token_ids[0],
-            None,
-            SamplingParams(**vars(params)),
-            out.generator_state,
-            len(out.new_text),
-        )
+        handoff = Handoff(
+            out.prompt_token_ids, out.token_ids[0], None, SamplingParams(**vars(params)),
+            out.generator_state, len(out.new_text),
+        )  # fmt: skip
+        dst = d.reserve_prefilled(rid, handoff)
         assert len(dst) >= len(src)
         d.runner.kv_pool[:, :, dst[: len(src)]] = p.runner.kv_pool[:, :, src]
         p.release(rid)
