@@ -301,6 +301,7 @@ class StepBench:
     def run(self, batch: int, offloaded: int, warmup: int) -> list[float]:
         """Seconds per decode step, each step carrying all `batch` rows, `offloaded` of them
         offloaded; the first `warmup` steps are not counted."""
+        from engine.engine import Handoff
         from engine.sequence import SamplingParams
         from transport.messages import (
             DecodeReserved,
@@ -318,18 +319,22 @@ class StepBench:
             rid = f"bench-{self.counter}"
             prompt = [rng.randrange(10, self.vocab - 10) for _ in range(self.prompt_len)]
             params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-            continued = (rid, prompt, rng.randrange(10, self.vocab - 10), None, params, None, 0)
+            first = rng.randrange(10, self.vocab - 10)
+            handoff = Handoff(prompt, first, None, params, None, 0)
             if i < offloaded:
-                reserve = ReserveDecode(rid, prompt, continued[2], None, 0, spec, None,
-                                        "prefill-0", self.counter, "attention-0")  # fmt: skip
+                reserve = ReserveDecode(
+                    request_id=rid, prompt_token_ids=prompt, first_token=first,
+                    first_logprob=None, text_sent=0, sampling=spec, generator_state=None,
+                    prefill_instance="prefill-0", transfer_id=self.counter, executor="attention-0",
+                )  # fmt: skip
                 self.router.send_multipart([b"attention-0", encode(reserve)])
                 reply = self._recv(DecodeReserved)
                 assert reply.error is None, reply.error
                 # The KV (zeros) stands in for the prefill worker's copy: timing only.
                 self.router.send_multipart([b"attention-0", encode(StartDecode(rid))])
-                self.engine.start_offloaded(*continued, executor="attention-0")
+                self.engine.start_offloaded(rid, handoff, "attention-0")
             else:
-                self.engine.reserve_prefilled(*continued)
+                self.engine.reserve_prefilled(rid, handoff)
                 self.engine.start_prefilled(rid)
         times = []
         while self.engine.has_unfinished():
@@ -358,33 +363,43 @@ def run_steps(args) -> list[dict]:
     rows = []
     for model in args.models:
         bench = StepBench(model, max(args.batches_step), args.prompt_len, args.steps)
+        cells: dict[tuple[int, int], list[float]] = {}
         try:
-            for batch in args.batches_step:
-                for fraction in (0.0, 0.5, 1.0):
-                    offloaded = round(batch * fraction)
-                    times = bench.run(batch, offloaded, args.step_warmup)
-                    ms = sorted(t * 1000 for t in times)
-                    rows.append({
-                        "model": model, "batch": batch, "offloaded": offloaded,
-                        "offloaded_pct": round(100 * fraction), "steps": len(ms),
-                        "mean_ms": round(statistics.fmean(ms), 3),
-                        "median_ms": round(statistics.median(ms), 3),
-                        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 3),
-                    })  # fmt: skip
+            # Rounds interleave the cells so that drifting load from other processes spreads
+            # over all of them instead of skewing one.
+            for _ in range(args.rounds):
+                for batch in args.batches_step:
+                    for fraction in (0.0, 0.5, 1.0):
+                        offloaded = round(batch * fraction)
+                        times = bench.run(batch, offloaded, args.step_warmup)
+                        cells.setdefault((batch, offloaded), []).extend(times)
         finally:
             bench.close()
+        for (batch, offloaded), times in cells.items():
+            ms = sorted(t * 1000 for t in times)
+            rows.append({
+                "model": model, "batch": batch, "offloaded": offloaded,
+                "offloaded_pct": round(100 * offloaded / batch), "steps": len(ms),
+                "mean_ms": round(statistics.fmean(ms), 3),
+                "median_ms": round(statistics.median(ms), 3),
+                "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 3),
+            })  # fmt: skip
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["batch"] == r["batch"])
-        r["vs_local"] = round(r["mean_ms"] / base["mean_ms"], 2)
+        r["mean_vs_local"] = round(r["mean_ms"] / base["mean_ms"], 2)
+        r["median_vs_local"] = round(r["median_ms"] / base["median_ms"], 2)
     return rows
 
 
 def print_steps(rows: list[dict]) -> None:
-    print(f"{'model':<9}{'batch':>6}{'offl.':>7}{'mean ms':>10}{'median':>9}{'p90':>9}{'vs 0%':>7}")
+    print(
+        f"{'model':<9}{'batch':>6}{'offl.':>7}{'mean ms':>10}{'median':>9}{'p90':>9}"
+        f"{'mean/0%':>9}{'med/0%':>8}"
+    )
     for r in rows:
         print(
             f"{r['model']:<9}{r['batch']:>6}{str(r['offloaded_pct']) + '%':>7}{r['mean_ms']:>10}"
-            f"{r['median_ms']:>9}{r['p90_ms']:>9}{r['vs_local']:>7}"
+            f"{r['median_ms']:>9}{r['p90_ms']:>9}{r['mean_vs_local']:>9}{r['median_vs_local']:>8}"
         )
 
 
@@ -394,11 +409,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2000, help="timed round trips per cell")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--executor-op", choices=["copy", "attention"], default="copy")
-    parser.add_argument("--models", nargs="*", default=["tiny", "smollm2"])
+    parser.add_argument(
+        "--models", nargs="*", default=["tiny"], help="smollm2 adds about 4 minutes on 2 cores"
+    )
     parser.add_argument("--batches-step", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per cell")
     parser.add_argument("--step-warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved sweeps per model")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--skip-roundtrip", action="store_true")
     parser.add_argument("--output-json", default="results/offload_roundtrip.json")
@@ -428,7 +446,9 @@ def main() -> None:
             f"\n2. Decode step time of a real LLMEngine (this process, 1 torch thread) whose "
             f"offloaded rows go to a real ExecutorWorker (spawned, 1 thread, torch backend) over "
             f"the shm channel; greedy, prompt {args.prompt_len} tokens (zero KV), every step "
-            f"carries the whole batch; mean of {args.steps} steps after {args.step_warmup}."
+            f"carries the whole batch; {args.rounds} rounds x {args.steps} steps per cell, each "
+            f"after {args.step_warmup} warm-up steps; engine.step() wall time (schedule, model, "
+            "sampling)."
         )
         steps = run_steps(args)
         print_steps(steps)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 PROFILE_VERSION = 1
 CORRECTION_WEIGHT = 0.2  # EWMA weight of the newest measured/predicted ratio
+BUILTIN_PROFILE = Path(__file__).parent / "profiles" / "cpu_default.json"
 RATIO_LIMITS = (0.1, 10.0)  # one odd sample (a GC pause, a cold cache) moves the ratio at most this
 
 
@@ -91,8 +91,7 @@ class CostModel:
 
 def builtin_profile() -> CostModel:
     """The tiny model on this project's CPU machine: a starting point the correction adapts."""
-    text = resources.files("scheduler").joinpath("profiles/cpu_default.json").read_text()
-    return CostModel.from_json(json.loads(text))
+    return CostModel.load(BUILTIN_PROFILE)
 
 
 def _floats(values, n: int) -> tuple:
