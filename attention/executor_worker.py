@@ -160,6 +160,10 @@ class ExecutorWorker:
 
     def _drain_steps(self) -> None:
         while True:
+            # A busy decode worker always has its next step queued: keep heartbeating and
+            # serving the router between steps, or this loop would starve both.
+            self._heartbeat()
+            self._drain_router()
             try:
                 _, raw = self.steps.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

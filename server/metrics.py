@@ -260,8 +260,9 @@ class RouterMetrics:
 
     def latency_summary(self) -> dict[str, dict[str, float | int | None]]:
         summary = {}
-        for key, hist in (("time_to_first_token", self.ttft), ("time_per_output_token", self.tpot),
-                          ("inter_token_latency", self.itl), ("e2e_request_latency", self.e2e)):  # fmt: skip
+        histograms = {"time_to_first_token": self.ttft, "time_per_output_token": self.tpot,
+                      "inter_token_latency": self.itl, "e2e_request_latency": self.e2e}  # fmt: skip
+        for key, hist in histograms.items():
             values = {s.name.rsplit("_", 1)[1]: s.value for s in _samples(hist)}
             count = int(values.get("count", 0))
             mean = values.get("sum", 0.0) / count if count else None

@@ -28,7 +28,8 @@ class Deployment:
         adrenaline = Path(sys.executable).parent / "adrenaline"
         argv = [
             str(adrenaline), "serve", "--model", model, "--port", str(self.port),
-            "--control", self.control, "--log-level", "WARNING", *flags,
+            "--control", self.control,
+            "--log-level", os.environ.get("ADRENALINE_TEST_LOG_LEVEL", "WARNING"), *flags,
         ]  # fmt: skip
         self.proc = subprocess.Popen(argv, start_new_session=True)
         self._wait_healthy(startup_timeout)
@@ -52,12 +53,16 @@ class Deployment:
 
     def wait_idle(self, timeout: float = 15.0) -> dict:
         """Waits until no request is active and every worker's KV blocks are all free again."""
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         stats = self.stats()
         while time.monotonic() < deadline:
             stats = self.stats()
+            waited = time.monotonic() - start
             workers = [w for w in stats["workers"].values() if w["alive"]]
-            if stats["requests"]["active"] == 0 and all(
+            # Only heartbeats sent after this call began count: older ones predate the load.
+            fresh = all(w["seconds_since_heartbeat"] < waited for w in workers)
+            if fresh and stats["requests"]["active"] == 0 and all(
                 w["num_free_blocks"] == w["num_blocks"] and w["num_running"] == 0 for w in workers
             ):
                 return stats

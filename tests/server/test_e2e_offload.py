@@ -119,17 +119,17 @@ def test_sigkill_of_the_executor_its_requests_recompute_locally_tokens_unchanged
     error, no hang, and the same greedy tokens."""
     victim = half.stats()["workers"]["attention-0"]["pid"]
     prompts = [f"survivor {i} " * (1 + i) for i in range(6)]
-    lengths = [400] * 6
+    lengths = [1200] * 6
 
     async def run() -> list[list[int]]:
         task = asyncio.create_task(concurrent_generate(half.url, prompts, lengths, 0.0))
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.7)
         os.kill(victim, signal.SIGKILL)
-        return await asyncio.wait_for(task, timeout=60)
+        return await asyncio.wait_for(task, timeout=90)
 
     started = time.monotonic()
     got = asyncio.run(run())
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 90
     assert got == expected(offline, prompts, lengths)
     stats = half.wait_idle()
     assert not stats["workers"]["attention-0"]["alive"]

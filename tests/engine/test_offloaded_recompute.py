@@ -1,0 +1,115 @@
+"""Offloaded decoding in one process: a decode engine whose offloaded rows are served by an
+in-process attention executor. Tokens equal local decoding, and when the executor fails mid-way
+the decode engine recomputes those requests itself and still gives the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention.executor import AttentionExecutor
+from attention.remote import RemoteAttentionError
+from attention.torch_backend import TorchAttention
+from engine.engine import Handoff
+from engine.llm import LLM
+from engine.sequence import SamplingParams
+
+PROMPTS = [[5, 9, 33, 120, 7], list(range(40, 77)), [300, 301, 302] * 7, list(range(100, 132))]
+PARAMS = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+
+class InProcessStep:
+    def __init__(self, remote: InProcessRemote, n_local: int, groups) -> None:
+        self.num_local_tokens = n_local
+        self.remote = remote
+        ((_, entries),) = groups
+        self.ids = [r for r, _ in entries]
+        self.prepared = remote.executor.prepare(self.ids, [p for _, p in entries])
+        self.out = None
+
+    def send(self, layer, q, k, v):
+        self.out = self.remote.executor.attend(layer, self.prepared, q, k, v)
+
+    def receive(self, layer):
+        self.remote.layers_served += 1
+        if (
+            self.remote.fail_after is not None
+            and self.remote.layers_served > self.remote.fail_after
+        ):
+            raise RemoteAttentionError("attention-0", "stopped answering")
+        if layer == self.remote.executor.num_layers - 1:
+            self.remote.executor.commit(self.ids)
+        return self.out
+
+
+class InProcessRemote:
+    def __init__(self, pool_like: torch.Tensor, cfg, fail_after: int | None = None) -> None:
+        backend = TorchAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+        self.executor = AttentionExecutor(torch.zeros_like(pool_like), backend)
+        self.fail_after = fail_after
+        self.layers_served = 0
+        self.released: list[str] = []
+
+    def begin_step(self, n_local, groups):
+        return InProcessStep(self, n_local, groups)
+
+    def release(self, executor, request_id):
+        self.released.append(request_id)
+        self.executor.release(request_id)
+
+
+def run(fail_after: int | None):
+    kwargs = dict(num_blocks=64, block_size=16, max_model_len=256)
+    prefill = LLM("tiny", **kwargs).engine
+    decode_llm = LLM("tiny", **kwargs)
+    decode = decode_llm.engine
+    remote = InProcessRemote(decode.runner.kv_pool, decode.model_config, fail_after)
+    decode.remote = decode.runner.remote = remote
+    for i, prompt in enumerate(PROMPTS):
+        prefill.add_request(f"r{i}", prompt, SamplingParams(**vars(PARAMS)), handoff=True)
+    firsts = {}
+    while prefill.has_unfinished():
+        for out in prefill.step():
+            firsts[out.request_id] = out
+    for rid, out in firsts.items():
+        # Odd requests are offloaded: their prompt KV goes into the executor's pool.
+        handoff = Handoff(out.prompt_token_ids, out.token_ids[0], None,
+                          SamplingParams(**vars(PARAMS)), None, len(out.new_text))  # fmt: skip
+        src = prefill.held_block_table(rid)
+        if int(rid[1:]) % 2:
+            dst = remote.executor.reserve(rid, len(out.prompt_token_ids))
+            remote.executor.pool[:, :, dst[: len(src)]] = prefill.runner.kv_pool[:, :, src]
+            remote.executor.mark_ready(rid)
+            decode.start_offloaded(rid, handoff, "attention-0")
+        else:
+            dst = decode.reserve_prefilled(rid, handoff)
+            decode.runner.kv_pool[:, :, dst[: len(src)]] = prefill.runner.kv_pool[:, :, src]
+            decode.start_prefilled(rid)
+        prefill.release(rid)
+    results = {}
+    while decode.has_unfinished():
+        for out in decode.step():
+            if out.finished:
+                results[out.request_id] = out.token_ids
+    stats = decode.stats()
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+    assert remote.executor.blocks.num_free_blocks == remote.executor.blocks.num_blocks
+    return [results[f"r{i}"] for i in range(len(PROMPTS))], stats["num_reclaimed"]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    llm = LLM("tiny", num_blocks=64, max_model_len=256)
+    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+
+
+def test_offloaded_rows_give_local_tokens(expected):
+    tokens, reclaimed = run(fail_after=None)
+    assert tokens == expected and reclaimed == 0
+
+
+@pytest.mark.parametrize("fail_after", [1, 4 * 7 + 2])
+def test_failed_executor_requests_recompute_locally_to_the_same_tokens(expected, fail_after):
+    tokens, reclaimed = run(fail_after)
+    assert reclaimed == 2
+    assert tokens == expected
