@@ -62,26 +62,18 @@ class TorchAttention(AttentionBackend):
         return x if group == 1 else x.repeat_interleave(group, dim=1)
 
     def decode(self, q, k_cache, v_cache, seq_lens, block_tables, max_seq_len) -> torch.Tensor:
-        # Batched: gather every sequence's blocks, pad to max_seq_len, mask the padding.
-        batch = q.shape[0]
-        block_size = k_cache.shape[1]
-        num_blocks = (max_seq_len + block_size - 1) // block_size
-        tables = block_tables[:, :num_blocks].long()
-        keys = k_cache[tables].reshape(batch, num_blocks * block_size, *k_cache.shape[2:])
-        values = v_cache[tables].reshape(batch, num_blocks * block_size, *v_cache.shape[2:])
-        positions = torch.arange(num_blocks * block_size, device=q.device)
-        mask = positions[None, :] < seq_lens[:, None].to(q.device)  # [B, S]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B, H, 1, D]
-            self._expand_heads(keys),
-            self._expand_heads(values),
-            attn_mask=mask[:, None, None, :],
-            scale=self.scale,
-        )
-        return out.squeeze(2)
-
-    def _expand_heads(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, S, Hkv, D] -> [B, H, S, D]
-        group = self.num_heads // self.num_kv_heads
-        x = x.transpose(1, 2)
-        return x if group == 1 else x.repeat_interleave(group, dim=1)
+        # One sequence at a time over exactly its own keys: padding a batch to its longest
+        # sequence changes reduction order, and with it the last bits of every row. The
+        # reference must give a sequence the same output whatever its batch mates (and whether
+        # it runs here or on an attention executor).
+        out = torch.empty_like(q)
+        for i, seq_len in enumerate(seq_lens.tolist()):
+            keys = gather_kv(k_cache, block_tables[i], seq_len)
+            values = gather_kv(v_cache, block_tables[i], seq_len)
+            out[i] = F.scaled_dot_product_attention(
+                q[i].unsqueeze(1),  # [H, 1, D]
+                self._expand_kv(keys).transpose(0, 1),
+                self._expand_kv(values).transpose(0, 1),
+                scale=self.scale,
+            ).squeeze(1)
+        return out

@@ -10,5 +10,5 @@ exec "${ADRENALINE:-adrenaline}" attention \
   --router "${ROUTER:-tcp://127.0.0.1:5557}" \
   --instance "${INSTANCE:-attention-$(hostname)-${GPU:-cpu}}" \
   --colocated-with "${COLOCATED_WITH:?name the prefill worker this executor sits beside}" \
-  --bind-host "${BIND_HOST:-127.0.0.1}" \
+  --bind-host "${BIND_HOST:-127.0.0.1}" --sm-share "${SM_SHARE:-1.0}" \
   "$@"

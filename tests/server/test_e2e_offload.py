@@ -119,11 +119,11 @@ def test_sigkill_of_the_executor_its_requests_recompute_locally_tokens_unchanged
     error, no hang, and the same greedy tokens."""
     victim = half.stats()["workers"]["attention-0"]["pid"]
     prompts = [f"survivor {i} " * (1 + i) for i in range(6)]
-    lengths = [1200] * 6
+    lengths = [600] * 6
 
     async def run() -> list[list[int]]:
         task = asyncio.create_task(concurrent_generate(half.url, prompts, lengths, 0.0))
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(0.5)
         os.kill(victim, signal.SIGKILL)
         return await asyncio.wait_for(task, timeout=90)
 
