@@ -199,8 +199,10 @@ def plot_comparison(results: dict[str, list[dict]], path: str) -> None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for policy, rows in results.items():
-        left.plot([r["request_rate"] for r in rows], [r["output_throughput"] for r in rows],
-                  marker="o", label=policy)  # fmt: skip
+        # Rates as evenly spaced categories: `inf` has no place on a numeric axis.
+        left.plot(range(len(rows)), [r["output_throughput"] for r in rows], marker="o",
+                  label=policy)  # fmt: skip
+        left.set_xticks(range(len(rows)), [f"{r['request_rate']:g}" for r in rows])
         tpots = sorted(rows[-1]["tpots_ms"])
         if tpots:
             right.plot(tpots, [(i + 1) / len(tpots) for i in range(len(tpots))], label=policy)
