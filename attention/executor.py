@@ -1,9 +1,10 @@
 """The attention executor (the paper's central idea): decode attention for offloaded requests,
-run beside a prefill worker on its device, over an offload KV pool that never leaves it.
+run beside a prefill worker on its device, over the prefill worker's own KV pool.
 
-It keeps the offloaded requests' KV (reserved, filled by the prefill worker's copy, grown by one
-token per step), and for each decode step a decode worker announces, it appends every layer's
-new k, v and runs paged decode attention on the q it is sent.
+The prompt's KV stays in the blocks prefill wrote (lent by the prefill worker); the executor
+grows each request by one token per step in its own share of the pool (the tail block ids), and
+for each decode step a decode worker announces, appends every layer's new k, v and runs paged
+decode attention on the q it is sent.
 """
 
 from __future__ import annotations
@@ -38,14 +39,19 @@ class AttentionExecutor:
         self,
         pool: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
         backend: AttentionBackend,
+        first_block_id: int = 0,
+        num_blocks: int | None = None,
     ) -> None:
+        """Owns blocks [first_block_id, first_block_id + num_blocks) of the shared pool."""
         self.pool = pool
         self.backend = backend
         self.block_size = pool.shape[3]
-        self.blocks = BlockManager(pool.shape[2], self.block_size, enable_prefix_caching=False)
+        owned = pool.shape[2] - first_block_id if num_blocks is None else num_blocks
+        self.blocks = BlockManager(
+            owned, self.block_size, enable_prefix_caching=False, first_block_id=first_block_id
+        )
         # Token ids are not needed here, only counts: placeholders stand in for them.
         self.requests: dict[str, Sequence] = {}
-        self.ready: set[str] = set()
         self.requests_total = 0
         self.attention_time_ms = 0.0  # moving average of one layer's attention for one step
 
@@ -53,26 +59,24 @@ class AttentionExecutor:
     def num_layers(self) -> int:
         return self.pool.shape[0]
 
-    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int]:
-        """Blocks for the prompt's KV and the first token's; filled by the prefill worker."""
+    def adopt(self, request_id: str, lent_blocks: list[int], num_prompt_tokens: int) -> None:
+        """Takes over a prefilled request: its prompt's KV is in `lent_blocks` already; room for
+        the first generated token comes from this executor's own blocks when needed."""
         if request_id in self.requests:
             raise StepError(f"request {request_id!r} is already offloaded here")
+        if len(lent_blocks) * self.block_size < num_prompt_tokens:
+            raise StepError(f"{request_id}: {len(lent_blocks)} blocks cannot hold the prompt")
         seq = Sequence(request_id, [0] * (num_prompt_tokens + 1), SamplingParams())
-        if not self.blocks.can_allocate(seq, use_prefix_cache=False):
+        seq.block_table = list(lent_blocks)
+        if not self.blocks.can_append(seq):
             raise OutOfBlocksError(f"offload pool has no room for {request_id}")
-        self.blocks.allocate(seq, use_prefix_cache=False)
+        self.blocks.append_slots(seq)
         seq.num_computed_tokens = num_prompt_tokens
         self.requests[request_id] = seq
         self.requests_total += 1
-        return list(seq.block_table)
-
-    def mark_ready(self, request_id: str) -> None:
-        if request_id in self.requests:
-            self.ready.add(request_id)
 
     def release(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
-        self.ready.discard(request_id)
         if seq is not None:
             self.blocks.free(seq)
 
@@ -81,7 +85,7 @@ class AttentionExecutor:
         tables, lens, slots = [], [], []
         for request_id, position in zip(request_ids, positions):
             seq = self.requests.get(request_id)
-            if seq is None or request_id not in self.ready:
+            if seq is None:
                 raise StepError(f"request {request_id!r} has no KV here")
             if position != seq.num_computed_tokens:
                 raise StepError(
@@ -132,14 +136,14 @@ class AttentionExecutor:
 
     def stats(self) -> dict:
         return {
-            "num_running": len(self.ready),
-            "num_waiting": len(self.requests) - len(self.ready),
+            "num_running": len(self.requests),
+            "num_waiting": 0,
             "num_free_blocks": self.blocks.num_free_blocks,
             "num_blocks": self.blocks.num_blocks,
             "queued_tokens": 0,
             "num_preemptions": 0,
             "requests_total": self.requests_total,
-            "num_offloaded": len(self.ready),
+            "num_offloaded": len(self.requests),
             "context_tokens": sum(s.num_computed_tokens for s in self.requests.values()),
             "attention_time_ms": round(self.attention_time_ms, 4),
         }

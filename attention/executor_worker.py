@@ -11,24 +11,27 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import msgspec
+import torch
 import zmq
 
 from attention.executor import AttentionExecutor, StepError
 from engine.kv_cache import OutOfBlocksError
 from transport.attention_channel import ChannelTimeout, ExecutorSideLink
-from transport.kv_transfer import KVPoolHost
+from transport.kv_transfer import open_peer_pool
 from transport.messages import (
     Abort,
     AttachLink,
+    AttachPool,
     AttentionStep,
     DecodeReserved,
+    OffloadReleased,
     Register,
     ReleaseOffloaded,
     ReserveDecode,
     Shutdown,
-    StartDecode,
     WorkerStats,
     decode,
     encode,
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
 LAYER_TIMEOUT_S = 5.0
+EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "num_free_blocks": 0, "num_blocks": 0,
+               "queued_tokens": 0, "num_preemptions": 0, "requests_total": 0}  # fmt: skip
 READY_WAIT_S = 5.0
 
 
@@ -46,16 +51,21 @@ class ExecutorWorker:
         self,
         instance: str,
         colocated_with: str,
-        executor: AttentionExecutor,
-        pool_host: KVPoolHost,
+        make_executor: Callable[[torch.Tensor, int, int], AttentionExecutor],
         router_address: str,
         bind_host: str,
         model_name: str,
         max_model_len: int,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.instance, self.colocated_with = instance, colocated_with
-        self.executor, self.pool_host = executor, pool_host
+        # Built once the router sends the prefill worker's pool (AttachPool): the executor has
+        # no pool of its own, it works in the tail of its prefill worker's.
+        self.make_executor = make_executor
+        self.executor: AttentionExecutor | None = None
+        self.pool_endpoint: dict = {}
         self.model_name, self.max_model_len = model_name, max_model_len
+        self.device = torch.device(device)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.DEALER)
         self.router.setsockopt(zmq.IDENTITY, instance.encode())
@@ -66,7 +76,6 @@ class ExecutorWorker:
         port = self.steps.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{bind_host}:{port}"
         self.links: dict[str, ExecutorSideLink] = {}
-        self.transfers: dict[str, int] = {}
         self.stopping = False
         self._last_heartbeat = 0.0
 
@@ -92,7 +101,6 @@ class ExecutorWorker:
     def close(self) -> None:
         for link in self.links.values():
             link.close()
-        self.pool_host.close()
         self.router.close(0)
         self.steps.close(0)
         self.ctx.term()
@@ -102,7 +110,7 @@ class ExecutorWorker:
         if now - self._last_heartbeat < HEARTBEAT_S:
             return
         self._last_heartbeat = now
-        s = self.executor.stats()
+        s = self.executor.stats() if self.executor else EMPTY_STATS
         self.router.send(
             encode(
                 Register(
@@ -111,7 +119,7 @@ class ExecutorWorker:
                     pid=os.getpid(),
                     model=self.model_name,
                     max_model_len=self.max_model_len,
-                    kv_endpoint=self.pool_host.endpoint,
+                    kv_endpoint=self.pool_endpoint,
                     stats=WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__ if k in s}),
                     colocated_with=self.colocated_with,
                     attention_address=self.address,
@@ -128,33 +136,43 @@ class ExecutorWorker:
             except zmq.Again:
                 return
             msg = decode(raw)
-            if isinstance(msg, ReserveDecode):
-                self._on_reserve(msg)
-            elif isinstance(msg, StartDecode):
-                transfer_id = self.transfers.pop(msg.request_id, None)
-                if transfer_id is not None:
-                    self.pool_host.mark_sent(transfer_id)
-                self.executor.mark_ready(msg.request_id)
+            if isinstance(msg, AttachPool):
+                self._attach_pool(msg.kv_endpoint)
+            elif isinstance(msg, ReserveDecode):
+                self._on_adopt(msg)
             elif isinstance(msg, Abort):
                 self._release(msg.request_id)
             elif isinstance(msg, Shutdown):
                 self.stopping = True
 
-    def _on_reserve(self, msg: ReserveDecode) -> None:
+    def _attach_pool(self, endpoint: dict) -> None:
+        if self.executor is not None:
+            return
+        pool = open_peer_pool(endpoint, self.device)
+        base, owned = int(endpoint["offload_base"]), int(endpoint["offload_blocks"])
+        self.executor = self.make_executor(pool, base, owned)
+        self.pool_endpoint = dict(endpoint)
+        self._last_heartbeat = 0.0  # report the pool at once: the router waits for it
+        log.info("working in %s's KV pool: blocks [%d, %d) are ours", self.colocated_with,
+                 base, base + owned)  # fmt: skip
+
+    def _on_adopt(self, msg: ReserveDecode) -> None:
         try:
-            block_ids = self.executor.reserve(msg.request_id, len(msg.prompt_token_ids))
+            if self.executor is None:
+                raise StepError("no pool attached yet")
+            self.executor.adopt(msg.request_id, msg.lent_blocks, len(msg.prompt_token_ids))
         except (StepError, OutOfBlocksError) as exc:
             self.router.send(encode(DecodeReserved(msg.request_id, [], error=str(exc))))
             return
-        self.pool_host.expect(msg.transfer_id, msg.prefill_instance, block_ids)
-        self.transfers[msg.request_id] = msg.transfer_id
-        self.router.send(encode(DecodeReserved(msg.request_id, block_ids)))
+        self.router.send(encode(DecodeReserved(msg.request_id, msg.lent_blocks)))
 
     def _release(self, request_id: str) -> None:
-        transfer_id = self.transfers.pop(request_id, None)
-        if transfer_id is not None:
-            self.pool_host.cancel(transfer_id)
-        self.executor.release(request_id)
+        """Done with a request (finished, dropped, aborted): its lent blocks go back to the
+        prefill worker through the router, now that no step of ours can write them."""
+        if self.executor is not None:
+            self.executor.release(request_id)
+        # Acknowledged even for a request never adopted here, so its blocks are never stranded.
+        self.router.send(encode(OffloadReleased(request_id)))
 
     # Decode steps ---------------------------------------------------------------------------
 
@@ -186,7 +204,7 @@ class ExecutorWorker:
 
     def _run_step(self, msg: AttentionStep) -> None:
         link = self.links.get(msg.decode_instance)
-        if link is None:
+        if link is None or self.executor is None:
             log.error("step from %s, which attached no link", msg.decode_instance)
             return
         layers = self.executor.num_layers
@@ -219,9 +237,9 @@ class ExecutorWorker:
         self.executor.commit(msg.request_ids)
 
     def _await_ready(self, request_ids: list[str]) -> None:
-        """A request's StartDecode (router) may trail the decode worker's first step."""
+        """Defensive: a step should never name a request before its adoption arrived."""
         deadline = time.monotonic() + READY_WAIT_S
-        while any(r not in self.executor.ready for r in request_ids):
+        while any(r not in self.executor.requests for r in request_ids):
             if time.monotonic() > deadline:
                 return  # prepare() refuses the step
             if self.router.poll(10):

@@ -29,13 +29,23 @@ def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        first_block_id: int = 0,
+    ):
+        """Manages block ids [first_block_id, first_block_id + num_blocks) of a pool (an
+        attention executor owns the tail of its prefill worker's pool)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.first_block_id = first_block_id
+        ids = range(first_block_id, first_block_id + num_blocks)
+        self.blocks = {i: Block(i) for i in ids}
         # Insertion-ordered: least recently freed first, so cached prefixes live longest.
-        self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self.free_block_ids: dict[int, None] = dict.fromkeys(ids)
         self.hash_to_block: dict[int, int] = {}
         self.prefix_hits = 0
         self.prefix_queries = 0
@@ -139,8 +149,11 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         # Freed in reverse so a sequence's tail is reused before its (more shareable) prefix.
+        # Blocks outside this manager's range are lent by another one: their owner frees them.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+            block = self.blocks.get(block_id)
+            if block is None:
+                continue
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:

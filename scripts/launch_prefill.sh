@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prefill worker on this node, on GPU $GPU (or the CPU with DEVICE=cpu), joining the router.
 #   ROUTER=tcp://10.0.0.1:5557 GPU=0 MODEL=/models/llama-3-8b scripts/launch_prefill.sh
+# Its pool also holds its attention executor's share (--offload-blocks, or a memory fraction).
 set -euo pipefail
 DEVICE="${DEVICE:-cuda}"
 if [[ "$DEVICE" == cuda ]]; then export CUDA_VISIBLE_DEVICES="${GPU:-0}"; fi

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_engine_flags(worker)
         add_worker_flags(worker)
+        if role == "prefill":
+            add_executor_flags(worker)
 
     profile = sub.add_parser(
         "profile", parents=[common], help="measure this device and write a cost profile"

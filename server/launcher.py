@@ -124,6 +124,10 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     str(threads),
                 ]
             )
+            if role == "prefill":
+                # The prefill worker's pool holds its executor's share too (none without one).
+                argv += argv_for_groups(parser, {"attention executor"}, args)
+                argv += [] if executors else ["--offload-blocks", "0"]
             env = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else None
             deployment.spawn(f"{role}-{index}", argv, env)
             if role == "prefill" and executors:
@@ -131,7 +135,6 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 deployment.spawn(f"attention-{index}", role_command("attention") + engine_argv + [
                     "--router", args.control, "--instance", f"attention-{index}",
                     "--colocated-with", f"prefill-{index}",
-                    *argv_for_groups(parser, {"attention executor"}, args),
                 ], env)  # fmt: skip
         _stop_on_signals(deployment)
         url = f"http://{args.host}:{args.port}"

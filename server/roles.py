@@ -143,22 +143,31 @@ def run_worker(role: str, args: argparse.Namespace, config: EngineConfig) -> int
         torch.set_num_threads(args.torch_threads)
     instance = args.instance or f"{role}-{os.getpid()}"
     kv_host = None
+    cfg = ModelConfig.from_model_dir(resolve_model(config.model))
 
     def pool_factory(shape, dtype, device):
         nonlocal kv_host
-        kv_host = create_pool_host(args.kv_transfer, shape, dtype, device, instance, args.kv_host)
+        if role == "decode":
+            kv_host = create_pool_host(
+                args.kv_transfer, shape, dtype, device, instance, args.kv_host
+            )
+            return kv_host.pool
+        # A prefill worker's pool is shared with its attention executor, which owns the extra
+        # blocks at its tail; offloaded requests' prompt KV stays where prefill wrote it.
+        extra = offload_pool_blocks(args, cfg, config, torch.device(device), dtype)
+        full = (*shape[:2], shape[2] + extra, *shape[3:])
+        kind = "cuda_ipc" if torch.device(device).type == "cuda" else "shm"
+        kv_host = create_pool_host(kind, full, dtype, device, instance)
+        kv_host.endpoint.update(offload_base=shape[2], offload_blocks=extra)
         return kv_host.pool
 
     offload = None
     if role == "decode":
-        cfg = ModelConfig.from_model_dir(resolve_model(config.model))
         offload = OffloadClient(
             instance, cfg.num_layers, config.batch.max_num_seqs, cfg.num_heads,
             cfg.num_kv_heads, cfg.head_dim, parse_dtype(config.dtype), torch.device(config.device),
         )  # fmt: skip
-    engine = LLMEngine(
-        config, kv_pool_factory=pool_factory if role == "decode" else None, remote=offload
-    )
+    engine = LLMEngine(config, kv_pool_factory=pool_factory, remote=offload)
     sender = KVSender(engine.runner.kv_pool, instance) if role == "prefill" else None
     worker = Worker(
         role, instance, engine, args.router, config.model, kv_host=kv_host, kv_sender=sender,
@@ -169,13 +178,15 @@ def run_worker(role: str, args: argparse.Namespace, config: EngineConfig) -> int
 
 
 def add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    # Given to a prefill worker: its pool grows by this many blocks, owned by its executor.
     g = parser.add_argument_group("attention executor")
     g.add_argument(
         "--offload-blocks",
         type=int,
         default=None,
-        help="offload KV pool size in blocks (default: --offload-memory-fraction of "
-        "the GPU, or --offload-kv-gib on CPU)",
+        help="blocks of the prefill worker's pool its attention executor owns, for offloaded "
+        "requests' growing KV (default: --offload-memory-fraction of the GPU, or "
+        "--offload-kv-gib on CPU; 0 without an executor)",
     )
     g.add_argument(
         "--offload-memory-fraction",
@@ -187,7 +198,6 @@ def add_executor_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_attention_flags(parser: argparse.ArgumentParser) -> None:
-    add_executor_flags(parser)
     g = parser.add_argument_group("attention")
     g.add_argument("--router", default="tcp://127.0.0.1:5557", help="the router's control address")
     g.add_argument("--instance", default=None, help="unique name (default: attention-pid)")
@@ -198,12 +208,6 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--bind-host", default="127.0.0.1", help="address decode workers reach this executor at"
-    )
-    g.add_argument(
-        "--kv-transfer",
-        choices=["auto", "shm", "cuda_ipc"],
-        default="auto",
-        help="how the colocated prefill worker writes into the offload pool",
     )
     g.add_argument(
         "--sm-share",
@@ -219,7 +223,6 @@ def run_attention(args: argparse.Namespace, config: EngineConfig) -> int:
     from attention.executor import AttentionExecutor
     from attention.executor_worker import ExecutorWorker
     from attention.selector import select_backend
-    from transport.kv_transfer import create_pool_host
 
     try:  # before anything initialises CUDA: MPS reads its limit at context creation
         limit_sm_share(args.sm_share, torch.device(config.device))
@@ -229,16 +232,15 @@ def run_attention(args: argparse.Namespace, config: EngineConfig) -> int:
     instance = args.instance or f"attention-{os.getpid()}"
     cfg = ModelConfig.from_model_dir(resolve_model(config.model))
     device, dtype = torch.device(config.device), parse_dtype(config.dtype)
-    shape = (
-        cfg.num_layers, 2, offload_pool_blocks(args, cfg, config, device, dtype),
-        config.cache.block_size, cfg.num_kv_heads, cfg.head_dim,
-    )  # fmt: skip
-    pool_host = create_pool_host(args.kv_transfer, shape, dtype, device, instance)
     backend_cls = select_backend(config.attention_backend, device, dtype, config.cache.block_size)
     backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+
+    def make_executor(pool: torch.Tensor, first_block: int, num_blocks: int) -> AttentionExecutor:
+        return AttentionExecutor(pool, backend, first_block, num_blocks)
+
     worker = ExecutorWorker(
-        instance, args.colocated_with, AttentionExecutor(pool_host.pool, backend), pool_host,
-        args.router, args.bind_host, config.model, config.batch.max_model_len,
+        instance, args.colocated_with, make_executor, args.router, args.bind_host,
+        config.model, config.batch.max_model_len, device,
     )  # fmt: skip
     worker.run()
     return 0

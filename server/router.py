@@ -33,8 +33,10 @@ from server.generation import Overloaded, Unavailable
 from server.metrics import RouterMetrics, offload_now
 from transport.messages import (
     Abort,
+    AttachPool,
     DecodeReserved,
     KVSent,
+    OffloadReleased,
     Prefill,
     Register,
     RequestError,
@@ -87,11 +89,6 @@ class RouterRequest:
     retry_at: float = 0.0
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
 
-    @property
-    def kv_target(self) -> str | None:
-        """Where the prompt's KV is copied: the executor if offloaded, else the decode worker."""
-        return self.executor or self.decode
-
 
 class Router:
     def __init__(
@@ -123,6 +120,10 @@ class Router:
         # Ended requests whose KV copy may still be writing into a decode worker's blocks: that
         # worker must not free them until the prefill worker reports KVSent.
         self.draining: dict[str, RouterRequest] = {}
+        # Offloaded requests whose prompt blocks their prefill worker lent to its executor:
+        # request id -> (prefill worker, executor). The blocks go back once the executor says
+        # it is done with them (OffloadReleased), or dies.
+        self.lent: dict[str, tuple[str, str]] = {}
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "offloaded": 0}
         self.assigned: dict[str, int] = {}
         self._transfer_ids = itertools.count(1)
@@ -160,9 +161,14 @@ class Router:
     def health(self) -> tuple[bool, str]:
         missing = []
         for role, wanted in self.expect.items():
-            alive = sum(1 for w in self.workers.values() if w.role == role and w.alive)
-            if alive < wanted:
-                missing.append(f"{role}: {alive} of {wanted} alive")
+            # An executor is ready once it works in its prefill worker's pool.
+            ready = sum(
+                1 for w in self.workers.values()
+                if w.role == role and w.alive
+                and (role != "attention" or bool(w.registration.kv_endpoint))
+            )  # fmt: skip
+            if ready < wanted:
+                missing.append(f"{role}: {ready} of {wanted} alive")
         return (not missing, "; ".join(missing) or "ok")
 
     def stats(self) -> dict:
@@ -236,14 +242,18 @@ class Router:
             raise Overloaded(f"{len(self.requests)} requests in flight; retry shortly")
 
     def _abort_everywhere(self, req: RouterRequest) -> None:
-        self._send(req.prefill, Abort(req.request_id))
-        if req.executor is not None and req.decode is not None:
+        if req.request_id in self.lent:
+            # The executor may be mid-step on the lent blocks: it frees them, then tells us.
+            self._send(req.executor, Abort(req.request_id))
             self._send(req.decode, Abort(req.request_id))
+            req.phase = "done"
+            return
+        self._send(req.prefill, Abort(req.request_id))
         if req.phase == "transferring":
             # The KV copy may still be writing into the target's blocks: free them after it.
             self.draining[req.request_id] = req
-        elif req.kv_target is not None:
-            self._send(req.kv_target, Abort(req.request_id))
+        elif req.decode is not None:
+            self._send(req.decode, Abort(req.request_id))
         req.phase = "done"
 
     def _finish(self, req: RouterRequest, error: BaseException | None = None) -> None:
@@ -288,8 +298,11 @@ class Router:
             self._on_register(identity, msg)
             return
         request_id = getattr(msg, "request_id", "")
+        if isinstance(msg, OffloadReleased):
+            self._return_lent(request_id)
+            return
         if isinstance(msg, KVSent) and request_id in self.draining:
-            self._send(self.draining.pop(request_id).kv_target, Abort(request_id))
+            self._send(self.draining.pop(request_id).decode, Abort(request_id))
             return
         req = self.requests.get(request_id)
         if req is None or req.phase == "done":
@@ -313,6 +326,10 @@ class Router:
         self.workers[msg.instance] = WorkerInfo(
             msg.instance, msg.role, identity, msg, time.monotonic()
         )
+        if msg.role == "attention" and not msg.kv_endpoint:
+            prefill = self.workers.get(msg.colocated_with)
+            if prefill is not None and prefill.registration.kv_endpoint.get("offload_blocks"):
+                self._send(msg.instance, AttachPool(prefill.registration.kv_endpoint))
 
     def _on_tokens(self, req: RouterRequest, msg: TokenOutput) -> None:
         self.metrics.tokens_arrived(req.request_id, len(msg.token_ids), msg.finish_reason)
@@ -338,7 +355,14 @@ class Router:
         self.assigned[decode_worker] = self.assigned.get(decode_worker, 0) + 1
         req.retry_at = 0.0
         req.transfer_id = next(self._transfer_ids)
-        self._send(req.kv_target, self._continue_message(req))
+        if executor is not None:
+            # The prompt's KV stays in the prefill worker's pool, which the executor shares.
+            self.lent[req.request_id] = (req.prefill, executor)
+            message = self._continue_message(req)
+            lent_blocks = req.first.block_table if req.first else None
+            self._send(executor, msgspec.structs.replace(message, lent_blocks=lent_blocks or []))
+            return
+        self._send(req.decode, self._continue_message(req))
 
     def _offload_target(self, req: RouterRequest) -> str | None:
         """The executor beside the request's prefill worker, if the policy offloads it."""
@@ -434,16 +458,23 @@ class Router:
     def _on_reserved(self, req: RouterRequest, msg: DecodeReserved) -> None:
         if msg.error is not None:
             log.info("reservation for %s refused: %s; retrying", req.request_id, msg.error)
+            self.lent.pop(req.request_id, None)  # nothing was adopted: the prefill worker holds on
             req.decode = req.executor = None
             req.retry_at = time.monotonic() + 0.05
             return
+        if req.executor is not None:
+            # The executor has adopted the KV in place: decoding starts at once, nothing moves.
+            req.phase = "decoding"
+            self.counters["offloaded"] += 1
+            self._send(req.decode, self._continue_message(req, for_decode_of_offloaded=True))
+            return
         req.phase = "transferring"
-        worker = self.workers[req.kv_target]
+        worker = self.workers[req.decode]
         self._send(
             req.prefill,
             SendKV(
                 request_id=req.request_id,
-                decode_instance=req.kv_target,
+                decode_instance=req.decode,
                 kv_endpoint=worker.registration.kv_endpoint,
                 dst_block_ids=msg.block_ids,
                 transfer_id=req.transfer_id,
@@ -456,10 +487,7 @@ class Router:
             self._finish(req, Unavailable(f"KV transfer failed: {msg.error}"))
             return
         req.phase = "decoding"
-        self._send(req.kv_target, StartDecode(req.request_id))
-        if req.executor is not None:
-            self.counters["offloaded"] += 1
-            self._send(req.decode, self._continue_message(req, for_decode_of_offloaded=True))
+        self._send(req.decode, StartDecode(req.request_id))
 
     # Housekeeping ---------------------------------------------------------------------------
 
@@ -477,7 +505,15 @@ class Router:
                 self._check_request(req, now)
             for request_id, req in list(self.draining.items()):
                 if not self.workers[req.prefill].alive:
-                    self._send(self.draining.pop(request_id).kv_target, Abort(request_id))
+                    self._send(self.draining.pop(request_id).decode, Abort(request_id))
+            for request_id, (_, executor) in list(self.lent.items()):
+                if not self.workers[executor].alive:
+                    self._return_lent(request_id)  # a dead executor writes nothing more
+
+    def _return_lent(self, request_id: str) -> None:
+        entry = self.lent.pop(request_id, None)
+        if entry is not None:
+            self._send(entry[0], Abort(request_id))
 
     def _check_request(self, req: RouterRequest, now: float) -> None:
         if req.phase == "done":

@@ -36,6 +36,8 @@ async def until_disconnected(outputs: AsyncIterator, request: Request) -> AsyncI
             await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
                 step.cancel()
+                # The generator must be idle before it can be closed below.
+                await asyncio.gather(step, return_exceptions=True)
                 return
             try:
                 item = step.result()

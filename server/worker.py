@@ -256,6 +256,7 @@ class Worker:
                 logprobs=out.logprobs[-new:] if out.logprobs and new else None,
                 prompt_tokens=len(out.prompt_token_ids),
                 handoff=out.handoff,
+                block_table=self.engine.held_block_table(out.request_id) if out.handoff else None,
                 # A handed-off request has sent exactly one output: this one.
                 text_sent=len(out.new_text) if out.handoff else 0,
                 generator_state=out.generator_state,

@@ -230,3 +230,27 @@ class KVSender:
             senders, self._by_kind = list(self._by_kind.values()), {}
         for sender in senders:
             sender.close()
+
+
+_MAPPED_SEGMENTS: list = []  # peers' pools mapped for the life of this process
+
+
+def open_peer_pool(endpoint: Endpoint, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Maps another process's whole KV pool (shm or CUDA IPC) into this one, for an attention
+    executor working directly on its prefill worker's pool."""
+    shape = shape_from_str(str(endpoint["shape"]))
+    dtype = dtype_from_str(str(endpoint["dtype"]))
+    kind = endpoint.get("kind")
+    if kind == "shm":
+        from transport.shm_transfer import _open_untracked, _view
+
+        segment = _open_untracked(str(endpoint["name"]))
+        # The tensor views the mapping: the segment object must outlive it, or it unmaps.
+        _MAPPED_SEGMENTS.append(segment)
+        return _view(segment, shape, dtype)
+    if kind == "cuda_ipc":
+        from transport.cuda_ipc_transfer import import_pool
+
+        with torch.cuda.device(torch.device(device)):
+            return import_pool(endpoint, shape, dtype)
+    raise KVTransferError(f"a pool of kind {kind!r} cannot be mapped from another process")

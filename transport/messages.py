@@ -14,9 +14,11 @@ workers send `Register` as a heartbeat:
   R -> D  StartDecode      D starts decoding from the first token
   D -> R  TokenOutput      every later token, the last with a finish reason
 
-An offloaded request reserves, receives and keeps its KV in E's pool instead (ReserveDecode to
-E, SendKV to P with E's endpoint, StartDecode to E), then R sends D a ReserveDecode naming E;
-D decodes it in its batch and, every step, sends E an AttentionStep and per-layer tensors.
+An offloaded request's KV never moves: the executor E shares its prefill worker's pool, so
+after the first token R sends E a ReserveDecode naming the blocks prefill wrote (lent_blocks),
+then sends D a ReserveDecode naming E. D decodes it in its batch and, every step, sends E an
+AttentionStep and per-layer tensors; E grows the request's KV in its own share of the pool.
+When E lets go of the request it sends R OffloadReleased, and R tells P to free the lent blocks.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class TokenOutput(msgspec.Struct, tag=True, frozen=True):
     handoff: bool = False
     text_sent: int = 0
     generator_state: bytes | None = None
+    block_table: list[int] | None = None  # the prefill worker's blocks holding the prompt KV
 
 
 class ReserveDecode(msgspec.Struct, tag=True, frozen=True):
@@ -112,6 +115,9 @@ class ReserveDecode(msgspec.Struct, tag=True, frozen=True):
     # worker keeps none and starts at once.
     executor: str = ""
     executor_address: str = ""
+    # To the executor: the prefill worker's blocks the prompt's KV was written into. They stay
+    # where prefill wrote them (the executor works on the same pool) until the executor is done.
+    lent_blocks: list[int] = []
 
 
 class DecodeReserved(msgspec.Struct, tag=True, frozen=True):
@@ -149,6 +155,18 @@ class RequestError(msgspec.Struct, tag=True, frozen=True):
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
     pass
+
+
+class AttachPool(msgspec.Struct, tag=True, frozen=True):
+    """To an attention executor: its prefill worker's KV pool, which it maps and shares."""
+
+    kv_endpoint: dict[str, str | int]
+
+
+class OffloadReleased(msgspec.Struct, tag=True, frozen=True):
+    """From an attention executor: it is done with a request's blocks, lent ones included."""
+
+    request_id: str
 
 
 # Between a decode worker and an attention executor, directly (not through the router).
@@ -190,6 +208,8 @@ Message = (
     | Abort
     | RequestError
     | Shutdown
+    | AttachPool
+    | OffloadReleased
     | AttachLink
     | AttentionStep
     | ReleaseOffloaded

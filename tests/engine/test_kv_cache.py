@@ -207,7 +207,7 @@ def test_freeing_everything_returns_to_full() -> None:
     for seq in seqs:
         bm.free(seq)
     assert bm.num_free_blocks == 16
-    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert all(b.ref_count == 0 for b in bm.blocks.values())
 
 
 def test_double_free_is_caught() -> None:
@@ -219,3 +219,20 @@ def test_double_free_is_caught() -> None:
     seq.block_table = table
     with pytest.raises(AssertionError, match="freed twice"):
         bm.free(seq)
+
+
+def test_a_manager_over_the_tail_of_a_pool_frees_only_its_own_blocks() -> None:
+    """An attention executor manages blocks [16, 24) of its prefill worker's pool and decodes
+    sequences whose prompt blocks it borrowed from the prefill worker."""
+    bm = BlockManager(
+        num_blocks=8, block_size=BLOCK, enable_prefix_caching=False, first_block_id=16
+    )
+    seq = make_seq(list(range(BLOCK * 2)), "lent")
+    seq.block_table = [3, 5]  # the prefill worker's blocks, holding the prompt's KV
+    seq.num_computed_tokens = BLOCK * 2
+    seq.append_token(1, None)
+    bm.append_slots(seq)
+    assert seq.block_table[:2] == [3, 5] and 16 <= seq.block_table[2] < 24
+    assert bm.num_free_blocks == 7
+    bm.free(seq)
+    assert bm.num_free_blocks == 8

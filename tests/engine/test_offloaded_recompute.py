@@ -43,12 +43,21 @@ class InProcessStep:
 
 
 class InProcessRemote:
-    def __init__(self, pool_like: torch.Tensor, cfg, fail_after: int | None = None) -> None:
-        backend = TorchAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
-        self.executor = AttentionExecutor(torch.zeros_like(pool_like), backend)
+    def __init__(self, cfg, fail_after: int | None = None) -> None:
+        self.backend = TorchAttention(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5
+        )
+        self.executor: AttentionExecutor | None = None
         self.fail_after = fail_after
         self.layers_served = 0
         self.released: list[str] = []
+
+    def share_pool(self, prefill_pool: torch.Tensor, extra_blocks: int) -> None:
+        """The prefill worker's pool with the executor's own blocks at its tail (a copy here,
+        taken after prefill; across processes the two map the same memory)."""
+        tail = torch.zeros_like(prefill_pool[:, :, :extra_blocks])
+        pool = torch.cat([prefill_pool, tail], dim=2)
+        self.executor = AttentionExecutor(pool, self.backend, prefill_pool.shape[2], extra_blocks)
 
     def begin_step(self, n_local, groups):
         return InProcessStep(self, n_local, groups)
@@ -63,7 +72,7 @@ def run(fail_after: int | None):
     prefill = LLM("tiny", **kwargs).engine
     decode_llm = LLM("tiny", **kwargs)
     decode = decode_llm.engine
-    remote = InProcessRemote(decode.runner.kv_pool, decode.model_config, fail_after)
+    remote = InProcessRemote(decode.model_config, fail_after)
     decode.remote = decode.runner.remote = remote
     for i, prompt in enumerate(PROMPTS):
         prefill.add_request(f"r{i}", prompt, SamplingParams(**vars(PARAMS)), handoff=True)
@@ -71,21 +80,20 @@ def run(fail_after: int | None):
     while prefill.has_unfinished():
         for out in prefill.step():
             firsts[out.request_id] = out
+    remote.share_pool(prefill.runner.kv_pool, extra_blocks=32)
     for rid, out in firsts.items():
-        # Odd requests are offloaded: their prompt KV goes into the executor's pool.
+        # Odd requests are offloaded: the executor adopts their prompt KV where prefill wrote it.
         handoff = Handoff(out.prompt_token_ids, out.token_ids[0], None,
                           SamplingParams(**vars(PARAMS)), None, len(out.new_text))  # fmt: skip
         src = prefill.held_block_table(rid)
         if int(rid[1:]) % 2:
-            dst = remote.executor.reserve(rid, len(out.prompt_token_ids))
-            remote.executor.pool[:, :, dst[: len(src)]] = prefill.runner.kv_pool[:, :, src]
-            remote.executor.mark_ready(rid)
+            remote.executor.adopt(rid, src, len(out.prompt_token_ids))
             decode.start_offloaded(rid, handoff, "attention-0")
         else:
             dst = decode.reserve_prefilled(rid, handoff)
             decode.runner.kv_pool[:, :, dst[: len(src)]] = prefill.runner.kv_pool[:, :, src]
             decode.start_prefilled(rid)
-        prefill.release(rid)
+        prefill.release(rid)  # in-process the executor has its copy of the pool already
     results = {}
     while decode.has_unfinished():
         for out in decode.step():

@@ -62,8 +62,13 @@ class Deployment:
             workers = [w for w in stats["workers"].values() if w["alive"]]
             # Only heartbeats sent after this call began count: older ones predate the load.
             fresh = all(w["seconds_since_heartbeat"] < waited for w in workers)
-            if fresh and stats["requests"]["active"] == 0 and all(
-                w["num_free_blocks"] == w["num_blocks"] and w["num_running"] == 0 for w in workers
+            if (
+                fresh
+                and stats["requests"]["active"] == 0
+                and all(
+                    w["num_free_blocks"] == w["num_blocks"] and w["num_running"] == 0
+                    for w in workers
+                )
             ):
                 return stats
             time.sleep(0.2)
