@@ -224,17 +224,18 @@ def _executor_child(model: str, router: str, offload_blocks: int) -> None:
     from attention.torch_backend import TorchAttention
     from engine.config import ModelConfig
     from engine.model_source import resolve_model
-    from transport.shm_transfer import ShmPoolHost
 
     torch.set_num_threads(1)
     cfg = ModelConfig.from_model_dir(resolve_model(model))
-    shape = (cfg.num_layers, 2, offload_blocks, 16, cfg.num_kv_heads, cfg.head_dim)
-    host = ShmPoolHost(shape, torch.float32, "attention-0")
     backend = TorchAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+
+    def make_executor(pool, first_block, num_blocks):
+        return AttentionExecutor(pool, backend, first_block, num_blocks)
+
+    # The pool arrives as the prefill worker's would: AttachPool from this process's router.
     ExecutorWorker(
-        "attention-0", "prefill-0", AttentionExecutor(host.pool, backend), host, router,
-        "127.0.0.1", model, 4096,
-    ).run()  # fmt: skip
+        "attention-0", "prefill-0", make_executor, router, "127.0.0.1", model, 4096
+    ).run()
 
 
 class StepBench:
@@ -262,9 +263,36 @@ class StepBench:
         cfg_args = (max_batch, *self._heads(model), torch.float32)
         self.client = OffloadClient("decode-0", self._layers(model), *cfg_args)
         self.engine = LLMEngine(config, remote=self.client)
-        self.client.connect("attention-0", self._await_register())
+        self.client.connect("attention-0", self._attach_prefill_pool(model, blocks))
         self.vocab = self.engine.model_config.vocab_size
         self.counter = 0
+
+    def _attach_prefill_pool(self, model: str, executor_blocks: int) -> str:
+        """Stands in for the prefill worker: a shared pool whose tail the executor owns."""
+        from transport.messages import AttachPool, Register, encode
+        from transport.shm_transfer import ShmPoolHost
+
+        heads, kv_heads, head_dim = self._heads(model)
+        self.lent_blocks = executor_blocks  # the prefill part, lent round-robin (timing only)
+        self.next_lent = 0
+        shape = (self._layers(model), 2, self.lent_blocks + executor_blocks, 16, kv_heads,
+                 head_dim)  # fmt: skip
+        self.prefill_pool = ShmPoolHost(shape, torch.float32, "prefill-0")
+        self.prefill_pool.endpoint.update(
+            offload_base=self.lent_blocks, offload_blocks=executor_blocks
+        )
+        address = self._recv(Register).attention_address
+        self.router.send_multipart([b"attention-0", encode(AttachPool(self.prefill_pool.endpoint))])
+        while not self._recv(Register).kv_endpoint:
+            pass
+        return address
+
+    def _lend(self, prompt_len: int) -> list[int]:
+        n = -(-prompt_len // 16)
+        if self.next_lent + n > self.lent_blocks:
+            self.next_lent = 0
+        first, self.next_lent = self.next_lent, self.next_lent + n
+        return list(range(first, first + n))
 
     @staticmethod
     def _heads(model: str):
@@ -293,11 +321,6 @@ class StepBench:
                     return msg
         raise TimeoutError(f"no {kind.__name__} from the executor")
 
-    def _await_register(self) -> str:
-        from transport.messages import Register
-
-        return self._recv(Register).attention_address
-
     def run(self, batch: int, offloaded: int, warmup: int) -> list[float]:
         """Seconds per decode step, each step carrying all `batch` rows, `offloaded` of them
         offloaded; the first `warmup` steps are not counted."""
@@ -307,7 +330,6 @@ class StepBench:
             DecodeReserved,
             ReserveDecode,
             SamplingSpec,
-            StartDecode,
             encode,
         )
 
@@ -322,16 +344,17 @@ class StepBench:
             first = rng.randrange(10, self.vocab - 10)
             handoff = Handoff(prompt, first, None, params, None, 0)
             if i < offloaded:
+                # The prompt's KV (zeros: timing only) "lies" in the prefill blocks it lends.
+                lent = self._lend(len(prompt))
                 reserve = ReserveDecode(
                     request_id=rid, prompt_token_ids=prompt, first_token=first,
                     first_logprob=None, text_sent=0, sampling=spec, generator_state=None,
                     prefill_instance="prefill-0", transfer_id=self.counter, executor="attention-0",
+                    lent_blocks=lent,
                 )  # fmt: skip
                 self.router.send_multipart([b"attention-0", encode(reserve)])
                 reply = self._recv(DecodeReserved)
                 assert reply.error is None, reply.error
-                # The KV (zeros) stands in for the prefill worker's copy: timing only.
-                self.router.send_multipart([b"attention-0", encode(StartDecode(rid))])
                 self.engine.start_offloaded(rid, handoff, "attention-0")
             else:
                 self.engine.reserve_prefilled(rid, handoff)
@@ -354,6 +377,7 @@ class StepBench:
         if self.child.is_alive():
             self.child.kill()
         self.client.close()
+        self.prefill_pool.close()
         self.router.close(0)
         self.ctx.term()
 

@@ -166,20 +166,23 @@ def measure_attention(
     """(offloaded tokens, batch, ms of one layer's attention) on an executor with one layer."""
     device, dtype = torch.device(config.device), parse_dtype(config.dtype)
     bs = config.cache.block_size
-    blocks = max(grid.batches) * (-(-(max(grid.context) + 2) // bs)) + 8
+    per_request = -(-(max(grid.context) + 2) // bs)
+    lent = max(grid.batches) * per_request  # the prefill worker's blocks, holding the prompts
+    blocks = 2 * lent + 8
     pool = torch.zeros(
         (1, 2, blocks, bs, cfg.num_kv_heads, cfg.head_dim), dtype=dtype, device=device
     )
     backend_cls = select_backend(config.attention_backend, device, dtype, bs)
     backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
-    executor = AttentionExecutor(pool, backend)
+    executor = AttentionExecutor(pool, backend, first_block_id=lent)
     samples = []
     for batch in grid.batches:
         for context in grid.context:
             ids = [f"a{batch}-{context}-{i}" for i in range(batch)]
-            for request_id in ids:
-                executor.reserve(request_id, context)
-                executor.mark_ready(request_id)
+            for i, request_id in enumerate(ids):
+                first = i * per_request
+                table = list(range(first, first + -(-context // bs)))
+                executor.adopt(request_id, table, context)
             step = executor.prepare(ids, [context] * batch)
             q = torch.randn(batch, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
             k = torch.randn(batch, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
