@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future
 
 import torch
 
 from transport.kv_transfer import (
     Endpoint,
     KVTransferError,
+    MarkSentPoolHost,
     Transfers,
     block_index,
     check_block_ids,
@@ -78,7 +78,7 @@ def import_pool(endpoint: Endpoint, shape: tuple[int, ...], dtype: torch.dtype) 
     return pool.set_(storage, int(endpoint["tensor_offset"]), shape)
 
 
-class CudaIpcPoolHost:
+class CudaIpcPoolHost(MarkSentPoolHost):
     """Decode side: allocates the KV pool on its GPU and exports it."""
 
     def __init__(
@@ -97,18 +97,6 @@ class CudaIpcPoolHost:
         self._transfers = Transfers()
         self._closed = False
         logger.info("[decode %s] KV pool exported over CUDA IPC on %s", instance, device)
-
-    def expect(self, transfer_id: int, src_instance: str, block_ids: list[int]) -> Future[None]:
-        if self._closed:
-            raise KVTransferError(f"KV pool of {self.instance} is closed")
-        return self._transfers.add(transfer_id, src_instance, block_ids)
-
-    def mark_sent(self, transfer_id: int) -> None:
-        if not self._transfers.complete(transfer_id):
-            logger.warning("[decode %s] KVSent for unknown transfer %d", self.instance, transfer_id)
-
-    def cancel(self, transfer_id: int) -> None:
-        self._transfers.fail(transfer_id, f"transfer {transfer_id} cancelled")
 
     def close(self) -> None:
         if self._closed:

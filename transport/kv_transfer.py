@@ -10,11 +10,14 @@ control messages as is: shapes, dtypes and handles travel as strings.
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 from typing import Protocol
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 Endpoint = dict[str, str | int]
 
@@ -104,6 +107,27 @@ class Transfers:
             ids = list(self._pending)
         for transfer_id in ids:
             self.fail(transfer_id, message)
+
+
+class MarkSentPoolHost:
+    """Shared by the pool hosts whose peers write straight into the pool (shm, CUDA IPC): a
+    transfer completes when the sender reports KVSent on the control plane (`mark_sent`)."""
+
+    instance: str
+    _transfers: Transfers
+    _closed: bool
+
+    def expect(self, transfer_id: int, src_instance: str, block_ids: list[int]) -> Future[None]:
+        if self._closed:
+            raise KVTransferError(f"KV pool of {self.instance} is closed")
+        return self._transfers.add(transfer_id, src_instance, block_ids)
+
+    def mark_sent(self, transfer_id: int) -> None:
+        if not self._transfers.complete(transfer_id):
+            logger.warning("[%s] KVSent for unknown transfer %d", self.instance, transfer_id)
+
+    def cancel(self, transfer_id: int) -> None:
+        self._transfers.fail(transfer_id, f"transfer {transfer_id} cancelled")
 
 
 def shape_to_str(shape: tuple[int, ...] | torch.Size) -> str:

@@ -14,7 +14,6 @@ import os
 import secrets
 import sys
 import threading
-from concurrent.futures import Future
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
@@ -23,6 +22,7 @@ import torch
 from transport.kv_transfer import (
     Endpoint,
     KVTransferError,
+    MarkSentPoolHost,
     Transfers,
     block_index,
     check_block_ids,
@@ -87,7 +87,7 @@ def _view(shm: SharedMemory, shape: tuple[int, ...], dtype: torch.dtype) -> torc
     return torch.frombuffer(shm.buf, dtype=dtype, count=numel).view(shape)
 
 
-class ShmPoolHost:
+class ShmPoolHost(MarkSentPoolHost):
     """Decode side: allocates the KV pool in a shared memory segment named in the endpoint."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, instance: str) -> None:
@@ -115,18 +115,6 @@ class ShmPoolHost:
     @property
     def segment_name(self) -> str:
         return str(self.endpoint["name"])
-
-    def expect(self, transfer_id: int, src_instance: str, block_ids: list[int]) -> Future[None]:
-        if self._closed:
-            raise KVTransferError(f"KV pool of {self.instance} is closed")
-        return self._transfers.add(transfer_id, src_instance, block_ids)
-
-    def mark_sent(self, transfer_id: int) -> None:
-        if not self._transfers.complete(transfer_id):
-            logger.warning("[decode %s] KVSent for unknown transfer %d", self.instance, transfer_id)
-
-    def cancel(self, transfer_id: int) -> None:
-        self._transfers.fail(transfer_id, f"transfer {transfer_id} cancelled")
 
     def close(self) -> None:
         with self._close_lock:
