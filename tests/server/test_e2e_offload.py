@@ -163,18 +163,19 @@ def qwen2_dir(tmp_path_factory):
     return out
 
 
-def test_offloaded_qwen2_equals_local(qwen2_dir):
+@pytest.mark.parametrize("policy, offloaded", [("none", 0), ("ratio:0.5", 3), ("always", 6)])
+def test_qwen2_tokens_are_the_same_under_every_policy(qwen2_dir, policy, offloaded):
     prompts = [[5 + i, 40, 41, 42 + i] * (2 + i) for i in range(6)]
     max_tokens = [12, 5, 20, 9, 16, 7]
     offline = LLM(str(qwen2_dir), num_blocks=64, max_model_len=512)
     want = expected(offline, prompts, max_tokens)
     d = Deployment(
-        "--offload-policy", "always", "--num-kv-blocks", "64", "--offload-blocks", "64",
+        "--offload-policy", policy, "--num-kv-blocks", "64", "--offload-blocks", "64",
         "--max-model-len", "512", model=str(qwen2_dir),
     )  # fmt: skip
     try:
         assert asyncio.run(concurrent_generate(d.url, prompts, max_tokens)) == want
-        assert d.wait_idle()["requests"]["offloaded"] == len(prompts)
+        assert d.wait_idle()["requests"]["offloaded"] == offloaded
     finally:
         d.stop()
 
