@@ -87,7 +87,9 @@ class AttentionExecutor:
             seq = self.requests.get(request_id)
             if seq is None:
                 raise StepError(f"request {request_id!r} has no KV here")
-            if position != seq.num_computed_tokens:
+            # A step may be replayed at the same position when the decode worker lost it
+            # elsewhere (another executor failed) after this one had committed it.
+            if position not in (seq.num_computed_tokens, seq.num_computed_tokens - 1):
                 raise StepError(
                     f"{request_id}: step writes position {position}, pool holds "
                     f"{seq.num_computed_tokens} tokens"
@@ -112,10 +114,10 @@ class AttentionExecutor:
             max_seq_len=max(lens, default=0),
         )
 
-    def commit(self, request_ids: list[str]) -> None:
+    def commit(self, request_ids: list[str], positions: list[int]) -> None:
         """The step's tokens are in the pool for every layer."""
-        for request_id in request_ids:
-            self.requests[request_id].num_computed_tokens += 1
+        for request_id, position in zip(request_ids, positions):
+            self.requests[request_id].num_computed_tokens = position + 1
 
     def attend(
         self,

@@ -43,7 +43,6 @@ HEARTBEAT_S = 0.5
 LAYER_TIMEOUT_S = 5.0
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "num_free_blocks": 0, "num_blocks": 0,
                "queued_tokens": 0, "num_preemptions": 0, "requests_total": 0}  # fmt: skip
-READY_WAIT_S = 5.0
 
 
 class ExecutorWorker:
@@ -135,7 +134,11 @@ class ExecutorWorker:
                 raw = self.router.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            msg = decode(raw)
+            try:
+                msg = decode(raw)
+            except msgspec.DecodeError:
+                log.error("dropping a malformed control message (%d bytes)", len(raw))
+                continue
             if isinstance(msg, AttachPool):
                 self._attach_pool(msg.kv_endpoint)
             elif isinstance(msg, ReserveDecode):
@@ -195,7 +198,10 @@ class ExecutorWorker:
                 old = self.links.pop(msg.decode_instance, None)
                 if old is not None:
                     old.close()
-                self.links[msg.decode_instance] = open_executor_link(msg.link)
+                link = open_executor_link(msg.link)
+                # Keep heartbeating while a step waits on the decode worker.
+                link.on_idle = self._heartbeat
+                self.links[msg.decode_instance] = link
             elif isinstance(msg, AttentionStep):
                 self._run_step(msg)
             elif isinstance(msg, ReleaseOffloaded):
@@ -209,7 +215,6 @@ class ExecutorWorker:
             return
         layers = self.executor.num_layers
         first_seq = msg.step_id * layers + 1
-        self._await_ready(msg.request_ids)
         # GPU and P2P links take the step's rows ahead; a GPU link enqueues every layer without
         # a host wait and syncs once, in check(), at the step's end.
         begin_step = getattr(link, "begin_step", None)
@@ -234,16 +239,7 @@ class ExecutorWorker:
             # The decode worker died or gave up on this step: its KV for it is incomplete.
             log.warning("decode worker %s stopped mid-step %d", msg.decode_instance, msg.step_id)
             return
-        self.executor.commit(msg.request_ids)
-
-    def _await_ready(self, request_ids: list[str]) -> None:
-        """Defensive: a step should never name a request before its adoption arrived."""
-        deadline = time.monotonic() + READY_WAIT_S
-        while any(r not in self.executor.requests for r in request_ids):
-            if time.monotonic() > deadline:
-                return  # prepare() refuses the step
-            if self.router.poll(10):
-                self._drain_router()
+        self.executor.commit(msg.request_ids, msg.positions)
 
 
 def open_executor_link(endpoint: dict):

@@ -52,6 +52,8 @@ from transport.messages import (
 
 log = logging.getLogger(__name__)
 
+HANDOFF_TIMEOUT_S = 60.0  # first token to decoding: reservations, KV copy
+
 
 @dataclass
 class WorkerInfo:
@@ -244,8 +246,13 @@ class Router:
     def _abort_everywhere(self, req: RouterRequest) -> None:
         if req.request_id in self.lent:
             # The executor may be mid-step on the lent blocks: it frees them, then tells us.
-            self._send(req.executor, Abort(req.request_id))
-            self._send(req.decode, Abort(req.request_id))
+            # While decoding, the decode worker's release reaches it behind that worker's own
+            # queued steps (which still name the request); otherwise we tell it directly.
+            decode = self.workers.get(req.decode) if req.decode else None
+            if req.phase == "decoding" and decode is not None and decode.alive:
+                self._send(req.decode, Abort(req.request_id))
+            else:
+                self._send(req.executor, Abort(req.request_id))
             req.phase = "done"
             return
         self._send(req.prefill, Abort(req.request_id))
@@ -339,6 +346,8 @@ class Router:
         elif msg.handoff:
             req.first = msg
             req.phase = "reserving"
+            # From here the request waits on workers' replies, not on a queue: bound it.
+            req.deadline = time.monotonic() + HANDOFF_TIMEOUT_S
             req.reserve_blocks = -(-(len(req.prompt_token_ids) + 1) // self.block_size)
             self._try_reserve(req)
 
@@ -508,7 +517,10 @@ class Router:
                     self._send(self.draining.pop(request_id).decode, Abort(request_id))
             for request_id, (_, executor) in list(self.lent.items()):
                 if not self.workers[executor].alive:
-                    self._return_lent(request_id)  # a dead executor writes nothing more
+                    # Should it be only slow, not dead, the abort makes it drop the request
+                    # (its decode worker then recomputes it) before its next step.
+                    self._send(executor, Abort(request_id))
+                    self._return_lent(request_id)
 
     def _return_lent(self, request_id: str) -> None:
         entry = self.lent.pop(request_id, None)
@@ -527,11 +539,10 @@ class Router:
             if w is not None and not w.alive:
                 self._finish(req, Unavailable(f"{w.role} worker {w.instance} died"))
                 return
-        if req.phase == "reserving" and req.decode is None and now >= req.retry_at:
-            if now > req.deadline:
-                self._finish(req, Unavailable("no decode worker had room in time"))
-            else:
-                self._try_reserve(req)
+        if req.phase in ("reserving", "transferring") and now > req.deadline:
+            self._finish(req, Unavailable(f"hand-off to decode did not complete ({req.phase})"))
+        elif req.phase == "reserving" and req.decode is None and now >= req.retry_at:
+            self._try_reserve(req)
 
     def _loads(self, role: str) -> list[WorkerLoad]:
         queued: dict[str, int] = {}

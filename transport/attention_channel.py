@@ -162,9 +162,10 @@ class ExecutorSideLink:
             int(endpoint["head_dim"]), dtype,
         )  # fmt: skip
         self.region = _Region(_open_untracked(str(endpoint["name"])), layout, dtype)
+        self.on_idle: Callable[[], None] | None = None
 
     def receive(self, seq_no: int, timeout_s: float):
-        wait_for(self.region.counters, 0, seq_no, timeout_s)
+        wait_for(self.region.counters, 0, seq_no, timeout_s, self.on_idle)
         if self.region.counters[0] != seq_no:
             # The decode worker abandoned this step and began a later one.
             raise ChannelTimeout(f"step superseded (expected {seq_no})")

@@ -24,7 +24,8 @@ class InProcessStep:
         self.remote = remote
         ((_, entries),) = groups
         self.ids = [r for r, _ in entries]
-        self.prepared = remote.executor.prepare(self.ids, [p for _, p in entries])
+        self.positions = [p for _, p in entries]
+        self.prepared = remote.executor.prepare(self.ids, self.positions)
         self.out = None
 
     def send(self, layer, q, k, v):
@@ -38,7 +39,7 @@ class InProcessStep:
         ):
             raise RemoteAttentionError("attention-0", "stopped answering")
         if layer == self.remote.executor.num_layers - 1:
-            self.remote.executor.commit(self.ids)
+            self.remote.executor.commit(self.ids, self.positions)
         return self.out
 
 

@@ -40,8 +40,10 @@ def roles():
         )  # fmt: skip
         for script, extra in [
             ("launch_router.sh", ["--offload-policy", "ratio:0.5", "--num-attention", "1"]),
-            ("launch_prefill.sh", ["--instance", "prefill-a", "--offload-blocks", "128",
-                                   *WORKER_FLAGS]),  # fmt: skip
+            (
+                "launch_prefill.sh",
+                ["--instance", "prefill-a", "--offload-blocks", "128", *WORKER_FLAGS],
+            ),  # fmt: skip
             ("launch_attention.sh", ["--instance", "attention-a"]),
             ("launch_decode.sh", WORKER_FLAGS),
         ]
