@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from transport.kv_transfer import dtype_from_str, dtype_to_str
-from transport.shm_transfer import SharedMemory, _open_untracked
+from transport.shm_transfer import SharedMemory, _open_untracked, remove_stale_segments
 
 SEGMENT_PREFIX = "adrenaline-attn-"
 _HEADER_BYTES = 64  # counters: request, response, rows, refused step + 1
@@ -101,6 +101,7 @@ class DecodeSideLink:
     def __init__(
         self, max_rows: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
     ) -> None:
+        remove_stale_segments(SEGMENT_PREFIX)
         layout = _layout(max_rows, num_heads, num_kv_heads, head_dim, dtype)
         name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self._shm = SharedMemory(name=name, create=True, size=layout["nbytes"])

@@ -47,8 +47,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_segments() -> list[str]:
-    """Unlinks segments left by decode workers that died without closing (e.g. SIGKILL).
+def remove_stale_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
+    """Unlinks segments (KV pools, or with another prefix per-layer attention channels) left
+    by processes that died without closing (e.g. SIGKILL).
 
     Segment names carry the creator's pid; a segment whose pid is gone is stale. (The
     multiprocessing resource tracker also unlinks a killed creator's segments; this covers the
@@ -58,9 +59,9 @@ def remove_stale_segments() -> list[str]:
     if not os.path.isdir(SHM_DIR):
         return removed
     for name in os.listdir(SHM_DIR):
-        if not name.startswith(SEGMENT_PREFIX):
+        if not name.startswith(prefix):
             continue
-        pid_text = name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
+        pid_text = name[len(prefix) :].split("-", 1)[0]
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
         try:
@@ -69,7 +70,7 @@ def remove_stale_segments() -> list[str]:
         except OSError:
             pass
     if removed:
-        logger.warning("removed %d stale KV segments: %s", len(removed), ", ".join(removed))
+        logger.warning("removed %d stale shared-memory segments: %s", len(removed), ", ".join(removed))
     return removed
 
 
