@@ -70,7 +70,9 @@ def remove_stale_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
         except OSError:
             pass
     if removed:
-        logger.warning("removed %d stale shared-memory segments: %s", len(removed), ", ".join(removed))
+        logger.warning(
+            "removed %d stale shared-memory segments: %s", len(removed), ", ".join(removed)
+        )
     return removed
 
 
