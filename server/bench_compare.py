@@ -11,19 +11,15 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from server.bench import arrival_times, benchmark, build_requests, request_body
 from server.bench_metrics import aggregate
+from server.serve_process import ServeProcess
 
 ROWS = [
     ("completed", "requests completed", "{:.0f}"),
@@ -66,47 +62,6 @@ def add_compare_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One `adrenaline serve` in its own process group, stopped whatever happens."""
-
-    def __init__(self, policy: str, serve_args: str, timeout_s: float = 600.0) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        script = Path(sys.executable).parent / "adrenaline"
-        argv = [str(script), "serve", "--port", self.url.rsplit(":", 1)[1],
-                "--control", f"tcp://127.0.0.1:{_free_port()}", "--offload-policy", policy,
-                "--log-level", "WARNING", *shlex.split(serve_args)]  # fmt: skip
-        self.proc = subprocess.Popen(argv, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve ({policy}) exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"serve ({policy}) did not become healthy")
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-
-
 async def _sample_stats(url: str, seen: dict, stop: asyncio.Event) -> None:
     async with httpx.AsyncClient(timeout=2) as client:
         while not stop.is_set():
@@ -142,7 +97,9 @@ def run_compare(args: argparse.Namespace) -> int:
     requests = build_requests(args)
     results: dict[str, list[dict]] = {}
     for policy in policies:
-        server = Server(policy, args.serve_args)
+        flags = ["--offload-policy", policy, "--log-level", "WARNING",
+                 *shlex.split(args.serve_args)]  # fmt: skip
+        server = ServeProcess(flags, startup_timeout=600.0)
         try:
             model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
             bodies = [request_body(args.endpoint, model, r, args.ignore_eos) for r in requests]

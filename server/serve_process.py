@@ -1,0 +1,60 @@
+"""A whole `adrenaline serve` deployment started as a child process on loopback, for the
+benchmark's policy comparison and the end-to-end tests: free ports, wait for /health, and a
+stop that leaves nothing behind (serve and its roles share one process group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    def __init__(self, flags: list[str], startup_timeout: float = 120.0) -> None:
+        self.port = free_port()
+        self.control = f"tcp://127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        adrenaline = Path(sys.executable).parent / "adrenaline"
+        argv = [str(adrenaline), "serve", "--port", str(self.port), "--control", self.control,
+                *flags]  # fmt: skip
+        self.proc = subprocess.Popen(argv, start_new_session=True)
+        self._wait_healthy(startup_timeout)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode} during start-up")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"serve did not become healthy within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # serve stops its roles in order
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in the group
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
