@@ -2,7 +2,9 @@
 takes reservations and KV from the control plane, and serves decode workers' steps.
 
 One thread. Router messages are handled between steps; a step runs all its layers back to
-back, each waiting on the decode worker's per-layer signal, never on a socket.
+back, each waiting on the decode worker's per-layer signal, never on a socket. Both sockets
+survive any input: what cannot be used is logged (rate-limited), dropped and counted in the
+heartbeat's `dropped_messages`; who may attach and step a link is attention.executor_links'.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import torch
 import zmq
 
 from attention.executor import AttentionExecutor, StepError
+from attention.executor_links import ExecutorLinks, LinkRejected, LinkShape
+from attention.executor_links import open_executor_link as open_executor_link
 from engine.kv_cache import OutOfBlocksError
-from transport.attention_channel import ChannelTimeout, ExecutorSideLink
-from transport.kv_transfer import open_peer_pool
+from transport.attention_channel import ChannelTimeout
+from transport.heartbeat import HeartbeatThread, SharedSocket, StepProgress, host_identity
+from transport.kv_transfer import dtype_to_str, open_peer_pool
 from transport.messages import (
     Abort,
     AttachLink,
@@ -36,10 +41,18 @@ from transport.messages import (
     decode,
     encode,
 )
+from transport.security import (
+    ClusterKey,
+    DroppedMessages,
+    secure_client,
+    secure_server,
+    set_frame_limit,
+    start_authenticator,
+)
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.5
+STATS_REFRESH_S = 0.1
 LAYER_TIMEOUT_S = 5.0
 EMPTY_STATS = {"num_running": 0, "num_waiting": 0, "num_free_blocks": 0, "num_blocks": 0,
                "queued_tokens": 0, "num_preemptions": 0, "requests_total": 0}  # fmt: skip
@@ -56,6 +69,7 @@ class ExecutorWorker:
         model_name: str,
         max_model_len: int,
         device: torch.device | str = "cpu",
+        cluster_key: ClusterKey | None = None,
     ) -> None:
         self.instance, self.colocated_with = instance, colocated_with
         # Built once the router sends the prefill worker's pool (AttachPool): the executor has
@@ -69,14 +83,27 @@ class ExecutorWorker:
         self.router = self.ctx.socket(zmq.DEALER)
         self.router.setsockopt(zmq.IDENTITY, instance.encode())
         self.router.setsockopt(zmq.LINGER, 0)
+        secure_client(self.router, cluster_key)
+        set_frame_limit(self.router)
         self.router.connect(router_address)
+        # Heartbeats go out from a thread of their own, so a long step never silences them.
+        self.router_link = SharedSocket(self.router)
+        self.progress = StepProgress()
+        self.host = host_identity()
+        # With a cluster key only deployment members reach the step socket at all.
+        self.auth = start_authenticator(self.ctx, cluster_key)
         self.steps = self.ctx.socket(zmq.ROUTER)
         self.steps.setsockopt(zmq.LINGER, 0)
+        secure_server(self.steps, cluster_key, f"tcp://{bind_host}")
+        set_frame_limit(self.steps)
         port = self.steps.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{bind_host}:{port}"
-        self.links: dict[str, ExecutorSideLink] = {}
+        self.links = ExecutorLinks(cluster_key)
+        self.dropped = DroppedMessages(log)
         self.stopping = False
-        self._last_heartbeat = 0.0
+        self._stats = self._collect_stats()
+        self._stats_at = 0.0
+        self._heartbeats = HeartbeatThread(self._heartbeat)
 
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -86,67 +113,92 @@ class ExecutorWorker:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.steps, zmq.POLLIN)
+        self._heartbeats.start()
         try:
             while not self.stopping:
-                self._heartbeat()
-                events = dict(poller.poll(50))
+                self._refresh_stats()
+                with self.router_link.lock:  # the heartbeat thread sends on this socket
+                    events = dict(poller.poll(50))
                 if self.router in events:
                     self._drain_router()
                 if self.steps in events:
                     self._drain_steps()
         finally:
+            self._heartbeats.stop()
             self.close()
 
     def close(self) -> None:
-        for link in self.links.values():
-            link.close()
+        self.links.close()
         self.router.close(0)
         self.steps.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
+    def _collect_stats(self) -> WorkerStats:
+        s = {**(self.executor.stats() if self.executor else EMPTY_STATS),
+             "dropped_messages": self.dropped.total}  # fmt: skip
+        return WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__ if k in s})
+
+    def _refresh_stats(self, now: bool = False) -> None:
+        # The heartbeat thread sends the latest snapshot; the executor is only read here.
+        t = time.monotonic()
+        if now or t - self._stats_at >= STATS_REFRESH_S:
+            self._stats, self._stats_at = self._collect_stats(), t
+
     def _heartbeat(self) -> None:
-        now = time.monotonic()
-        if now - self._last_heartbeat < HEARTBEAT_S:
-            return
-        self._last_heartbeat = now
-        s = self.executor.stats() if self.executor else EMPTY_STATS
-        self.router.send(
-            encode(
-                Register(
-                    role="attention",
-                    instance=self.instance,
-                    pid=os.getpid(),
-                    model=self.model_name,
-                    max_model_len=self.max_model_len,
-                    kv_endpoint=self.pool_endpoint,
-                    stats=WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__ if k in s}),
-                    colocated_with=self.colocated_with,
-                    attention_address=self.address,
-                )
+        self._send_router(
+            Register(
+                role="attention",
+                instance=self.instance,
+                pid=os.getpid(),
+                model=self.model_name,
+                max_model_len=self.max_model_len,
+                kv_endpoint=self.pool_endpoint,
+                stats=self._stats,
+                colocated_with=self.colocated_with,
+                attention_address=self.address,
+                progress=self.progress.snapshot(),
+                host=self.host,
             )
         )
+
+    def _send_router(self, message) -> None:
+        if not self.router_link.send(encode(message)):
+            log.warning("router unreachable: dropped a %s", type(message).__name__)
 
     # Control plane --------------------------------------------------------------------------
 
     def _drain_router(self) -> None:
-        while True:
+        while (frames := self.router_link.recv_nowait()) is not None:
+            msg = self._decode(frames, 1, "router")
             try:
-                raw = self.router.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = decode(raw)
-            except msgspec.DecodeError:
-                log.error("dropping a malformed control message (%d bytes)", len(raw))
-                continue
-            if isinstance(msg, AttachPool):
-                self._attach_pool(msg.kv_endpoint)
-            elif isinstance(msg, ReserveDecode):
-                self._on_adopt(msg)
-            elif isinstance(msg, Abort):
-                self._release(msg.request_id)
-            elif isinstance(msg, Shutdown):
-                self.stopping = True
+                self._on_router_message(msg)
+            except Exception as exc:  # a bad endpoint or message must not end the executor
+                self.dropped.drop(f"router message {type(msg).__name__} failed", repr(exc))
+
+    def _decode(self, frames: list[bytes], expected: int, source: str):
+        """The message in the last of exactly `expected` frames, or None (counted, logged)."""
+        if len(frames) != expected:
+            self.dropped.drop(f"{source}: wrong frame count", f"{len(frames)}, not {expected}")
+            return None
+        try:
+            return decode(frames[-1])
+        except msgspec.DecodeError as exc:
+            self.dropped.drop(f"{source}: malformed message", f"{len(frames[-1])} bytes: {exc}")
+            return None
+
+    def _on_router_message(self, msg) -> None:
+        if isinstance(msg, AttachPool):
+            self._attach_pool(msg.kv_endpoint)
+        elif isinstance(msg, ReserveDecode):
+            self._on_adopt(msg)
+        elif isinstance(msg, Abort):
+            self._release(msg.request_id)
+        elif isinstance(msg, Shutdown):
+            self.stopping = True
+        elif msg is not None:
+            self.dropped.drop(f"router: unexpected {type(msg).__name__}")
 
     def _attach_pool(self, endpoint: dict) -> None:
         if self.executor is not None:
@@ -155,7 +207,8 @@ class ExecutorWorker:
         base, owned = int(endpoint["offload_base"]), int(endpoint["offload_blocks"])
         self.executor = self.make_executor(pool, base, owned)
         self.pool_endpoint = dict(endpoint)
-        self._last_heartbeat = 0.0  # report the pool at once: the router waits for it
+        self._refresh_stats(now=True)
+        self._heartbeat()  # report the pool at once: the router waits for it
         log.info("working in %s's KV pool: blocks [%d, %d) are ours", self.colocated_with,
                  base, base + owned)  # fmt: skip
 
@@ -163,11 +216,13 @@ class ExecutorWorker:
         try:
             if self.executor is None:
                 raise StepError("no pool attached yet")
-            self.executor.adopt(msg.request_id, msg.lent_blocks, len(msg.prompt_token_ids))
+            # Prefill computed the KV of all but the newest output token.
+            computed = len(msg.prompt_token_ids) + len(msg.output_token_ids) - 1
+            self.executor.adopt(msg.request_id, msg.lent_blocks, computed)
         except (StepError, OutOfBlocksError) as exc:
-            self.router.send(encode(DecodeReserved(msg.request_id, [], error=str(exc))))
+            self._send_router(DecodeReserved(msg.request_id, [], error=str(exc)))
             return
-        self.router.send(encode(DecodeReserved(msg.request_id, msg.lent_blocks)))
+        self._send_router(DecodeReserved(msg.request_id, msg.lent_blocks))
 
     def _release(self, request_id: str) -> None:
         """Done with a request (finished, dropped, aborted): its lent blocks go back to the
@@ -175,44 +230,51 @@ class ExecutorWorker:
         if self.executor is not None:
             self.executor.release(request_id)
         # Acknowledged even for a request never adopted here, so its blocks are never stranded.
-        self.router.send(encode(OffloadReleased(request_id)))
+        self._send_router(OffloadReleased(request_id))
 
     # Decode steps ---------------------------------------------------------------------------
 
     def _drain_steps(self) -> None:
         while True:
-            # A busy decode worker always has its next step queued: keep heartbeating and
-            # serving the router between steps, or this loop would starve both.
-            self._heartbeat()
+            # A busy decode worker always has its next step queued: keep serving the router
+            # between steps, or this loop would starve it.
+            self._refresh_stats()
             self._drain_router()
             try:
-                _, raw = self.steps.recv_multipart(zmq.NOBLOCK)
+                frames = self.steps.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            # ROUTER: the peer's identity, then exactly one message frame.
+            msg = self._decode(frames, 2, "step socket")
             try:
-                msg = decode(raw)
-            except msgspec.DecodeError:
-                log.error("dropping a malformed step message")
-                continue
-            if isinstance(msg, AttachLink):
-                old = self.links.pop(msg.decode_instance, None)
-                if old is not None:
-                    old.close()
-                link = open_executor_link(msg.link)
-                # Keep heartbeating while a step waits on the decode worker.
-                link.on_idle = self._heartbeat
-                self.links[msg.decode_instance] = link
-            elif isinstance(msg, AttentionStep):
-                self._run_step(msg)
-            elif isinstance(msg, ReleaseOffloaded):
-                for request_id in msg.request_ids:
-                    self._release(request_id)
+                self._on_step_message(frames[0], msg)
+            except LinkRejected as exc:
+                self.dropped.drop(f"step socket: refused {type(msg).__name__}", str(exc))
+            except Exception as exc:  # a peer's content must not end the executor
+                self.dropped.drop(f"step socket: {type(msg).__name__} failed", repr(exc))
 
-    def _run_step(self, msg: AttentionStep) -> None:
-        link = self.links.get(msg.decode_instance)
-        if link is None or self.executor is None:
-            log.error("step from %s, which attached no link", msg.decode_instance)
-            return
+    def _on_step_message(self, identity: bytes, msg) -> None:
+        if isinstance(msg, AttachLink):
+            self.links.attach(identity, msg, self._link_shape())
+        elif isinstance(msg, AttentionStep):
+            self._run_step(self.links.for_step(identity, msg), msg)
+        elif isinstance(msg, ReleaseOffloaded):
+            self.links.check_release(identity, msg)
+            for request_id in msg.request_ids:
+                self._release(request_id)
+        elif msg is not None:
+            self.dropped.drop(f"step socket: unexpected {type(msg).__name__}")
+
+    def _link_shape(self) -> LinkShape | None:
+        if self.executor is None:
+            return None
+        backend, pool = self.executor.backend, self.executor.pool
+        return LinkShape(backend.num_heads, backend.num_kv_heads, backend.head_dim,
+                         dtype_to_str(pool.dtype))  # fmt: skip
+
+    def _run_step(self, link, msg: AttentionStep) -> None:
+        if self.executor is None:
+            raise LinkRejected(f"step from {msg.decode_instance} before a pool is attached")
         layers = self.executor.num_layers
         first_seq = msg.step_id * layers + 1
         # GPU and P2P links take the step's rows ahead; a GPU link enqueues every layer without
@@ -220,6 +282,14 @@ class ExecutorWorker:
         begin_step = getattr(link, "begin_step", None)
         if begin_step is not None:
             begin_step(msg.step_id, len(msg.request_ids), first_seq)
+        self.progress.begin()
+        try:
+            self._attend_step(link, msg, first_seq, begin_step is not None)
+        finally:
+            self.progress.end()
+
+    def _attend_step(self, link, msg: AttentionStep, first_seq: int, synced: bool) -> None:
+        layers = self.executor.num_layers
         try:
             step = self.executor.prepare(msg.request_ids, msg.positions)
         except (StepError, OutOfBlocksError) as exc:
@@ -233,24 +303,10 @@ class ExecutorWorker:
                 out = self.executor.attend(layer, step, q, k, v)
                 self.executor.record_attention(time.perf_counter() - started)
                 link.respond(first_seq + layer, out)
-            if begin_step is not None:
+            if synced:
                 link.check()
         except ChannelTimeout:
             # The decode worker died or gave up on this step: its KV for it is incomplete.
             log.warning("decode worker %s stopped mid-step %d", msg.decode_instance, msg.step_id)
             return
         self.executor.commit(msg.request_ids, msg.positions)
-
-
-def open_executor_link(endpoint: dict):
-    """The executor's end of a decode worker's link, by the endpoint's kind."""
-    kind = str(endpoint.get("kind", "shm"))
-    if kind == "cuda_ipc":
-        from transport.cuda_attention_channel import CudaExecutorSideLink
-
-        return CudaExecutorSideLink(endpoint)
-    if kind in ("gloo", "nccl"):
-        from transport.nccl_attention_channel import P2PExecutorSideLink
-
-        return P2PExecutorSideLink(endpoint)
-    return ExecutorSideLink(endpoint)

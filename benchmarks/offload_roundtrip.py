@@ -342,13 +342,13 @@ class StepBench:
             prompt = [rng.randrange(10, self.vocab - 10) for _ in range(self.prompt_len)]
             params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
             first = rng.randrange(10, self.vocab - 10)
-            handoff = Handoff(prompt, first, None, params, None, 0)
+            handoff = Handoff(prompt, [first], None, params, 0)
             if i < offloaded:
                 # The prompt's KV (zeros: timing only) "lies" in the prefill blocks it lends.
                 lent = self._lend(len(prompt))
                 reserve = ReserveDecode(
-                    request_id=rid, prompt_token_ids=prompt, first_token=first,
-                    first_logprob=None, text_sent=0, sampling=spec, generator_state=None,
+                    request_id=rid, prompt_token_ids=prompt, output_token_ids=[first],
+                    output_logprobs=None, text_sent=0, sampling=spec,
                     prefill_instance="prefill-0", transfer_id=self.counter, executor="attention-0",
                     lent_blocks=lent,
                 )  # fmt: skip

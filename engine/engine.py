@@ -34,14 +34,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Handoff:
-    """Where a prefill worker stopped: what another worker needs to continue exactly."""
+    """Where a prefill worker stopped: what another worker needs to continue exactly. The
+    sampler's random stream follows from the seed in `params` and the number of outputs."""
 
     prompt_token_ids: list[int]
-    first_token: int
-    first_logprob: float | None
+    output_token_ids: list[int]  # generated so far; the last one's KV is not computed yet
+    output_logprobs: list[float] | None
     params: SamplingParams
-    generator_state: bytes | None  # the sampler's random state after the first token
     text_sent: int  # characters of output text already reported
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A request continued from tokens generated elsewhere (a migrated request): prefill
+    computes the KV of prompt + outputs and samples the next token."""
+
+    output_token_ids: list[int]
+    output_logprobs: list[float] | None
+    text_sent: int
 
 
 @dataclass
@@ -58,7 +68,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Set when prefill stopped after the first token to hand the request to a decode worker.
     handoff: bool = False
-    generator_state: bytes | None = None
 
 
 class LLMEngine:
@@ -121,33 +130,53 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         handoff: bool = False,
+        resume: Resume | None = None,
     ) -> None:
-        """Queues a request; with `handoff`, it stops after its first token, keeping its KV."""
+        """Queues a request; with `handoff`, it stops after its next token, keeping its KV;
+        with `resume`, it continues after outputs generated elsewhere."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
+        outputs = list(resume.output_token_ids) if resume else []
+        total = len(prompt_token_ids) + len(outputs)
+        if total >= self.max_model_len:
             raise InvalidRequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                f"the prompt has {total} tokens; this model's context is "
                 f"{self.max_model_len} tokens, leaving no room to generate"
             )
         vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+        if any(t < 0 or t >= vocab for t in prompt_token_ids) or any(
+            t < 0 or t >= vocab for t in outputs
+        ):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         params.validate()
-        seq = Sequence(
-            request_id, prompt_token_ids, params, generator=self._generator(params), handoff=handoff
-        )
+        seq = self._new_sequence(request_id, prompt_token_ids, params)
+        seq.handoff = handoff
+        if resume is not None:
+            self._continue_from(seq, outputs, resume.output_logprobs, resume.text_sent)
         self.requests[request_id] = seq
         self.requests_total += 1
         self.batcher.add(seq)
 
-    def _generator(self, params: SamplingParams) -> torch.Generator | None:
-        if params.greedy:
-            return None
-        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
-        return torch.Generator(device=self.runner.device).manual_seed(seed)
+    def _new_sequence(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> Sequence:
+        seq = Sequence(request_id, prompt_token_ids, params)
+        if not params.greedy:
+            seq.seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+            seq.generator = torch.Generator(device=self.runner.device)
+        return seq
+
+    def _continue_from(
+        self, seq: Sequence, outputs: list[int], logprobs: list[float] | None, text_sent: int
+    ) -> None:
+        """Appends outputs already generated (and partly reported) elsewhere."""
+        seq.token_ids.extend(outputs)
+        if seq.params.logprobs:
+            seq.output_logprobs = list(logprobs or [])
+        seq.text = self.tokenizer.decode(seq.output_token_ids)
+        seq.text_sent, seq.tokens_sent = min(text_sent, len(seq.text)), len(outputs)
 
     def abort(self, request_id: str) -> bool:
         seq = self.requests.pop(request_id, None)
@@ -239,9 +268,6 @@ class LLMEngine:
             logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
             num_cached_tokens=seq.num_cached_prompt_tokens,
             handoff=seq.status is SequenceStatus.HELD,
-            generator_state=_generator_state(seq.generator)
-            if seq.status is SequenceStatus.HELD
-            else None,
         )
 
     # Disaggregation: the prefill side holds and releases, the decode side reserves and starts.
@@ -273,7 +299,7 @@ class LLMEngine:
         """The reserved request's prompt KV has arrived: decode it from the next step on."""
         seq = self.requests[request_id]
         assert seq.status is SequenceStatus.RESERVED, seq.status
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens - 1  # all but the newest token's KV arrived
         self.block_manager.commit_computed_blocks(seq)
         self.batcher.add_prefilled(seq)
 
@@ -281,27 +307,23 @@ class LLMEngine:
         """Decodes a request whose KV an attention executor holds; no block is reserved here."""
         seq = self._continued(request_id, handoff)
         seq.executor = executor
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens - 1
         seq.status = SequenceStatus.RESERVED
         self.requests[request_id] = seq
         self.requests_total += 1
         self.batcher.add_prefilled(seq)
 
     def _continued(self, request_id: str, handoff: Handoff) -> Sequence:
-        """A sequence picking up where a prefill worker stopped: its first token sampled (and
-        partly reported), its sampler's random state carried over."""
+        """A sequence picking up where a prefill worker stopped: its outputs sampled (and
+        partly reported), its random stream continuing from its seed."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        params = handoff.params
-        seq = Sequence(
-            request_id, handoff.prompt_token_ids, params, generator=self._generator(params)
+        if not handoff.output_token_ids:
+            raise InvalidRequestError(f"{request_id}: a hand-off carries at least one token")
+        seq = self._new_sequence(request_id, handoff.prompt_token_ids, handoff.params)
+        self._continue_from(
+            seq, handoff.output_token_ids, handoff.output_logprobs, handoff.text_sent
         )
-        if handoff.generator_state is not None and seq.generator is not None:
-            state = torch.frombuffer(bytearray(handoff.generator_state), dtype=torch.uint8)
-            seq.generator.set_state(state)
-        seq.append_token(handoff.first_token, handoff.first_logprob)
-        seq.text = self.tokenizer.decode(seq.output_token_ids)
-        seq.text_sent, seq.tokens_sent = handoff.text_sent, 1
         return seq
 
     def _reclaim_offloaded(self, executor: str) -> None:
@@ -338,7 +360,3 @@ class LLMEngine:
             "num_reclaimed": self.num_reclaimed,
             **self.timing.as_dict(),
         }
-
-
-def _generator_state(generator: torch.Generator | None) -> bytes | None:
-    return None if generator is None else generator.get_state().numpy().tobytes()

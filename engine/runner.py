@@ -122,7 +122,7 @@ class ModelRunner:
             return StepOutput([])
         logits = self.model.logits(hidden[logit_rows])
         tokens, logprobs = sample(
-            logits, [s.params for s in sampling], [s.generator for s in sampling]
+            logits, [s.params for s in sampling], [s.next_token_generator() for s in sampling]
         )
         return StepOutput(
             [

@@ -78,6 +78,7 @@ class Sequence:
     token_ids: list[int]  # prompt followed by output; grows by one per decode step
     params: SamplingParams
     generator: torch.Generator | None = None
+    seed: int = 0  # with `generator`: the root of this request's random stream
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = -1
     output_logprobs: list[float] = field(default_factory=list)
@@ -118,6 +119,14 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    def next_token_generator(self) -> torch.Generator | None:
+        """The generator for the next token, seeded from (seed, output index): any worker can
+        continue a request's random stream from its seed and its tokens alone, so a request
+        moved to another worker (hand-off, migration) samples exactly what it would have."""
+        if self.generator is not None:
+            self.generator.manual_seed(token_seed(self.seed, self.num_output_tokens))
+        return self.generator
+
     def append_token(self, token_id: int, logprob: float | None) -> None:
         self.token_ids.append(token_id)
         if logprob is not None:
@@ -130,3 +139,14 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def token_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for output token `index` (splitmix64 of seed and index)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1

@@ -64,6 +64,8 @@ class CostModel:
 
     @classmethod
     def from_json(cls, data: dict) -> CostModel:
+        if not isinstance(data, dict):
+            raise ProfileError(f"a profile is a JSON object, not {type(data).__name__}")
         if data.get("version") != PROFILE_VERSION:
             raise ProfileError(f"profile version {data.get('version')!r}, need {PROFILE_VERSION}")
         try:

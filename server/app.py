@@ -10,15 +10,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.admin_api import admin_routes
 from server.generate_api import generate_routes
-from server.http_errors import MAPPED_ERRORS, error_response, exception_response
+from server.http_errors import MAPPED_ERRORS, BodyLimit, error_response, exception_response
 from server.openai_api import openai_routes
 from server.router import Router
 
-PROTECTED_PREFIXES = ("/v1/", "/generate")
+# /health and /metrics stay open, as in vLLM: probes and scrapers carry no key.
+PROTECTED_PREFIXES = ("/v1/", "/generate", "/stats", "/admin/")
 
 
-def create_app(router: Router, api_key: str | None = None) -> FastAPI:
+def create_app(router: Router, api_key: str | None, max_request_bytes: int) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await router.start()
@@ -29,10 +31,14 @@ def create_app(router: Router, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="Adrenaline router", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    # Inside the key check (a middleware added later wraps those before it): a client without
+    # the key gets its 401 before a byte of its body is read.
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     if api_key:
         install_api_key_check(app, api_key)
     app.include_router(generate_routes(router))
     app.include_router(openai_routes(router))
+    app.include_router(admin_routes(router))
 
     @app.get("/health")
     async def health() -> JSONResponse:

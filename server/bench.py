@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import sys
 import time
 from datetime import datetime
@@ -89,6 +90,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     add_compare_flags(p)
     return p
+
+
+def auth_headers() -> dict[str, str]:
+    """The API key from the environment (as vLLM's bench reads OPENAI_API_KEY), never a flag."""
+    key = os.environ.get("ADRENALINE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def arrival_times(num: int, rate: float, seed: int) -> list[float]:
@@ -202,7 +209,9 @@ async def benchmark(
     gate = asyncio.Semaphore(limit)
     bar = _progress_bar(len(bodies), disable=not show_progress)
     limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout), limits=limits, headers=auth_headers()
+    ) as client:
         start = time.perf_counter()
 
         async def one(i: int) -> RequestRecord:
@@ -241,7 +250,9 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
 
 def resolve_model(base_url: str, timeout: float) -> str:
     try:
-        resp = httpx.get(f"{base_url}/v1/models", timeout=min(timeout, 30.0))
+        resp = httpx.get(
+            f"{base_url}/v1/models", timeout=min(timeout, 30.0), headers=auth_headers()
+        )
         resp.raise_for_status()
         return resp.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from server.bench import arrival_times, benchmark, build_requests, request_body
+from server.bench import arrival_times, auth_headers, benchmark, build_requests, request_body
 from server.bench_metrics import aggregate
 from server.serve_process import ServeProcess
 
@@ -63,7 +63,7 @@ def add_compare_flags(parser: argparse.ArgumentParser) -> None:
 
 
 async def _sample_stats(url: str, seen: dict, stop: asyncio.Event) -> None:
-    async with httpx.AsyncClient(timeout=2) as client:
+    async with httpx.AsyncClient(timeout=2, headers=auth_headers()) as client:
         while not stop.is_set():
             try:
                 stats = (await client.get(f"{url}/stats")).json()
@@ -101,15 +101,22 @@ def run_compare(args: argparse.Namespace) -> int:
                  *shlex.split(args.serve_args)]  # fmt: skip
         server = ServeProcess(flags, startup_timeout=600.0)
         try:
-            model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+            headers = auth_headers()
+            model = httpx.get(f"{server.url}/v1/models", timeout=10, headers=headers).json()[
+                "data"
+            ][0]["id"]
             bodies = [request_body(args.endpoint, model, r, args.ignore_eos) for r in requests]
             for rate in rates:
-                before = httpx.get(f"{server.url}/stats", timeout=10).json()["requests"]
+                before = httpx.get(f"{server.url}/stats", timeout=10, headers=headers).json()[
+                    "requests"
+                ]
                 offsets = arrival_times(len(requests), rate, args.seed)
                 records, duration, seen = asyncio.run(
                     _run_load(server.url, args, bodies, [r.prompt_len for r in requests], offsets)
                 )
-                after = httpx.get(f"{server.url}/stats", timeout=10).json()["requests"]
+                after = httpx.get(f"{server.url}/stats", timeout=10, headers=headers).json()[
+                    "requests"
+                ]
                 row = aggregate(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
                 done = max(1, after["finished"] - before["finished"])
                 row.update(seen, offload_ratio=(after["offloaded"] - before["offloaded"]) / done,

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from typing import NoReturn
 
 from engine.config import BatchConfig, CacheConfig, ConfigError, EngineConfig
 from server.bench import add_bench_parser, run_bench
@@ -28,8 +30,17 @@ from server.roles import (
     run_router,
     run_worker,
 )
+from server.serve_flags import FlagError, check_model, check_router_flags, check_serve_flags
 
 DEFAULT_MODEL = "smollm2"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Errors in one line naming the flag (`adrenaline serve: error: --port: ...`), without the
+    usage block, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def add_engine_flags(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
@@ -80,9 +91,13 @@ def engine_config_from_args(
         positive["--num-kv-blocks"] = args.num_kv_blocks
     for flag, value in positive.items():
         if value < 1:
-            parser.error(f"{flag} must be a positive integer, got {value}")
+            parser.error(f"{flag}: must be a positive integer, got {value}")
     if not 0 < args.gpu_memory_utilization <= 1:
-        parser.error("--gpu-memory-utilization must be in (0, 1]")
+        parser.error(
+            f"--gpu-memory-utilization: must be in (0, 1], got {args.gpu_memory_utilization}"
+        )
+    if not args.cpu_kv_cache_gib > 0:
+        parser.error(f"--cpu-kv-cache-gib: must be above 0, got {args.cpu_kv_cache_gib}")
     if args.device == "cuda":
         import torch
 
@@ -113,8 +128,8 @@ def engine_config_from_args(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adrenaline", description=__doc__)
-    common = argparse.ArgumentParser(add_help=False)
+    parser = ArgumentParser(prog="adrenaline", description=__doc__)
+    common = ArgumentParser(add_help=False)
     common.add_argument_group("logging").add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -143,12 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", parents=[common], help="start a router, prefill and decode workers here"
     )
     add_engine_flags(serve)
-    add_router_flags(serve)
+    add_router_flags(serve, control_default=None)
     add_worker_process_flags(serve)
     add_executor_flags(serve)
     serve.add_argument(
         "--no-attention-executor", action="store_true",
         help="start no executor beside the prefill workers (only the PD baseline runs)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--drain-timeout", type=float, default=30.0,
+        help="on SIGTERM or Ctrl-C, seconds to finish the requests in flight (new ones get 503) "
+        "before stopping; a second Ctrl-C stops at once",
     )  # fmt: skip
 
     router = sub.add_parser(
@@ -174,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_flags(profile)
 
     add_bench_parser(sub)
+    keygen = sub.add_parser("keygen", help="write a new cluster key file for --cluster-key")
+    keygen.add_argument("--output", default="adrenaline-cluster.key", metavar="FILE",
+                        help="where to write it (mode 600; never overwritten)")  # fmt: skip
     return parser
 
 
@@ -185,23 +208,40 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s [{args.command} %(process)d %(name)s] %(message)s",
     )
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]  # for errors
+    if args.command == "keygen":
+        return run_keygen(args.output, sub_parser)
     if args.command == "bench":
         return run_bench(args)
-    if args.command == "router":
-        return run_router(args)
-    config = engine_config_from_args(args, sub_parser)
     try:
+        if args.command == "router":
+            check_router_flags(args)
+            check_model(args.model)
+            return run_router(args)
+        config = engine_config_from_args(args, sub_parser)
         if args.command == "generate":
             return run_generate(args, config, sub_parser)
         if args.command == "serve":
-            return run_serve(args, sub_parser)
+            return run_serve(args, sub_parser, check_serve_flags(args))
         if args.command == "attention":
             return run_attention(args, config)
         if args.command == "profile":
             return run_profile(args, config)
         return run_worker(args.command, args, config)
-    except ConfigError as exc:
+    except (ConfigError, FlagError) as exc:
         sub_parser.error(str(exc))
+    return 0
+
+
+def run_keygen(output: str, parser: argparse.ArgumentParser) -> int:
+    from transport.security import ClusterKeyError, write_cluster_key
+
+    try:
+        write_cluster_key(output)
+    except ClusterKeyError as exc:
+        parser.error(str(exc))
+    path = os.path.abspath(output)
+    print(f"wrote a new cluster key to {path} (readable only by you); copy it to every node "
+          f"and start each role with --cluster-key {path}")  # fmt: skip
     return 0
 
 

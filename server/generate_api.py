@@ -6,29 +6,46 @@ import itertools
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, model_validator
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, model_validator
 
 from server.generation import GenerationBackend
 from server.http_errors import error_payload, parse_body
-from server.streaming import first_then_rest, until_disconnected
+from server.prompts import encode_text
+from server.request_fields import (
+    MinP,
+    Seed,
+    Temperature,
+    TokenCount,
+    TokenId,
+    TopK,
+    TopP,
+    request_config,
+)
+from server.streaming import (
+    ClientGone,
+    ClosingStreamingResponse,
+    client_gone,
+    first_then_rest,
+    watched,
+)
 from transport.messages import SamplingSpec, TokenOutput
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = request_config(extra="forbid")
 
     prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int | None = None
+    prompt_token_ids: list[TokenId] | None = None
+    max_tokens: TokenCount = 16
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
+    min_p: MinP = 0.0
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     logprobs: bool = False
     stream: bool = False
@@ -41,8 +58,6 @@ class GenerateRequest(BaseModel):
             raise ValueError("'prompt' is empty")
         if self.prompt_token_ids is not None and not self.prompt_token_ids:
             raise ValueError("'prompt_token_ids' is empty")
-        if self.max_tokens < 1:
-            raise ValueError(f"'max_tokens' must be at least 1, got {self.max_tokens}")
         return self
 
     def sampling(self) -> SamplingSpec:
@@ -101,38 +116,46 @@ def generate_routes(backend: GenerationBackend) -> APIRouter:
     counter = itertools.count()
 
     @router.post("/generate")
-    async def generate(request: Request):
-        body = await parse_body(request, GenerateRequest)
-        spec = body.sampling()
-        prompt_ids = body.prompt_token_ids or backend.tokenizer.encode(body.prompt or "")
-        stream = backend.generate(f"gen-{next(counter)}", prompt_ids, spec)
-        outputs = await first_then_rest(stream)  # a refused request is a 4xx, not a stream
-        if body.stream:
-            return StreamingResponse(
-                _ndjson(outputs, len(prompt_ids), body.logprobs, request),
-                media_type="application/x-ndjson",
-            )
-        total = Accumulated()
-        async for out in until_disconnected(outputs, request):
-            total.add(out)
-        return generate_json(
-            total.text,
-            total.token_ids,
-            total.finish_reason,
-            len(prompt_ids),
-            len(total.token_ids),
-            total.logprobs if body.logprobs else None,
-        )
+    async def generate(request: Request) -> Response:
+        try:
+            return await _generate(backend, request, f"gen-{next(counter)}")
+        except ClientGone:
+            return client_gone()
 
     return router
 
 
+async def _generate(backend: GenerationBackend, request: Request, request_id: str) -> Response:
+    body = await parse_body(request, GenerateRequest)
+    spec = body.sampling()
+    prompt_ids = body.prompt_token_ids or await encode_text(backend, body.prompt or "")
+    # Watched from the start: a client gone during prefill aborts its request too.
+    outputs = watched(request, backend.generate(request_id, prompt_ids, spec))
+    outputs = await first_then_rest(outputs)  # a refused request is a 4xx, not a stream
+    if body.stream:
+        return ClosingStreamingResponse(
+            _ndjson(outputs, len(prompt_ids), body.logprobs), media_type="application/x-ndjson"
+        )
+    total = Accumulated()
+    async for out in outputs:
+        total.add(out)
+    answer = generate_json(
+        total.text,
+        total.token_ids,
+        total.finish_reason,
+        len(prompt_ids),
+        len(total.token_ids),
+        total.logprobs if body.logprobs else None,
+    )
+    return JSONResponse(answer)
+
+
 async def _ndjson(
-    outputs: AsyncIterator[TokenOutput], prompt_tokens: int, logprobs: bool, request: Request
+    outputs: AsyncIterator[TokenOutput], prompt_tokens: int, logprobs: bool
 ) -> AsyncIterator[bytes]:
     completion = 0
     try:
-        async for out in until_disconnected(outputs, request):
+        async for out in outputs:
             completion += len(out.token_ids)
             chunk = generate_json(
                 out.text,
@@ -143,5 +166,7 @@ async def _ndjson(
                 (out.logprobs or []) if logprobs else None,
             )
             yield (json.dumps(chunk) + "\n").encode()
+    except ClientGone:
+        return
     except Exception as exc:  # headers are sent: report the failure in-band, then end
         yield (json.dumps(error_payload(exc)) + "\n").encode()

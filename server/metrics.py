@@ -101,6 +101,9 @@ WORKER_SERIES = (
                  lambda s: s.prompt_tokens_total),
     WorkerSeries("adrenaline:generation_tokens_total", "counter",
                  "Tokens the worker generated.", lambda s: s.generation_tokens_total),
+    WorkerSeries("adrenaline:worker_control_messages_dropped_total", "counter",
+                 "Malformed or unexpected control messages the worker dropped.",
+                 lambda s: s.dropped_messages),
 )  # fmt: skip
 
 
@@ -116,6 +119,18 @@ class WorkerCollector(Collector):
         up = GaugeMetricFamily(
             "adrenaline:worker_up", "1 while the worker heartbeats, 0 once missed.", labels=labels
         )
+        # Liveness apart from progress: alive but stuck in one step, or finishing to exit.
+        stuck = GaugeMetricFamily(
+            "adrenaline:worker_stuck", "1 while one step has run past --stuck-timeout.",
+            labels=labels,
+        )  # fmt: skip
+        draining = GaugeMetricFamily(
+            "adrenaline:worker_draining", "1 while the worker drains before it exits.",
+            labels=labels,
+        )  # fmt: skip
+        steps = CounterMetricFamily(
+            "adrenaline:worker_steps_total", "Engine steps the worker completed.", labels=labels
+        )
         families = {
             s.name: (CounterMetricFamily if s.kind == "counter" else GaugeMetricFamily)(
                 s.name, s.documentation, labels=labels
@@ -126,13 +141,16 @@ class WorkerCollector(Collector):
             up.add_metric([w.role, w.instance], 1.0 if w.alive else 0.0)
             if not w.alive:
                 continue
+            stuck.add_metric([w.role, w.instance], float(w.stuck))
+            draining.add_metric([w.role, w.instance], float(w.draining))
+            steps.add_metric([w.role, w.instance], w.registration.progress.steps_total)
             for series in WORKER_SERIES:
                 if series.roles and w.role not in series.roles:
                     continue
                 value = series.value(w.registration.stats)
                 if value is not None:
                     families[series.name].add_metric([w.role, w.instance], float(value))
-        yield up
+        yield from (up, stuck, draining, steps)
         yield from families.values()
 
 
@@ -159,6 +177,16 @@ class RouterStateCollector(Collector):
         yield CounterMetricFamily(
             "adrenaline:offloaded_requests_total", "Requests the offload policy offloaded.",
             value=self.router.counters["offloaded"],
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "adrenaline:requests_migrated_total",
+            "Times a request moved to other workers after its worker died or got stuck.",
+            value=self.router.counters["migrated"],
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "adrenaline:control_messages_dropped_total",
+            "Malformed, unexpected or unauthorised control messages the router dropped.",
+            value=self.router.dropped_messages,
         )  # fmt: skip
 
 

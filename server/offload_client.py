@@ -15,6 +15,7 @@ from attention.remote import RemoteAttentionError
 from engine.step_timing import ewma
 from transport.attention_channel import ChannelTimeout, DecodeSideLink, StepRefused
 from transport.messages import AttachLink, AttentionStep, ReleaseOffloaded, encode
+from transport.security import ClusterKey, secure_client, set_frame_limit
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,21 @@ LAYER_TIMEOUT_S = 2.0
 
 
 class ExecutorConnection:
-    def __init__(self, ctx: zmq.Context, address: str, link: DecodeSideLink) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        address: str,
+        link: DecodeSideLink,
+        instance: str,
+        cluster_key: ClusterKey | None = None,
+    ) -> None:
         self.address = address
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # The executor takes steps for this worker's link only from this identity.
+        self.sock.setsockopt(zmq.IDENTITY, instance.encode())
+        secure_client(self.sock, cluster_key)
+        set_frame_limit(self.sock)
         self.sock.connect(address)
         self.link = link
 
@@ -103,9 +115,10 @@ class OffloadClient:
     def __init__(
         self, instance: str, num_layers: int, max_rows: int, num_heads: int, num_kv_heads: int,
         head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-        link_kind: str = "auto",
+        link_kind: str = "auto", cluster_key: ClusterKey | None = None,
     ) -> None:  # fmt: skip
         self.instance = instance
+        self.cluster_key = cluster_key
         self.device = torch.device(device)
         self.link_kind = link_kind  # auto: shared memory on CPU, CUDA IPC on GPU; gloo/nccl
         self.num_layers = num_layers
@@ -128,7 +141,9 @@ class OffloadClient:
             return
         if conn is not None:
             conn.close()
-        conn = ExecutorConnection(self.ctx, address, self._make_link())
+        conn = ExecutorConnection(
+            self.ctx, address, self._make_link(), self.instance, self.cluster_key
+        )
         conn.sock.send(encode(AttachLink(self.instance, conn.link.endpoint)))
         self.executors[executor] = conn
         log.info("offloading attention to %s at %s", executor, address)
@@ -144,7 +159,7 @@ class OffloadClient:
         if kind in ("gloo", "nccl"):
             from transport.nccl_attention_channel import P2PDecodeSideLink
 
-            return P2PDecodeSideLink(kind, *self.shape, self.device)
+            return P2PDecodeSideLink(kind, *self.shape, self.device, cluster_key=self.cluster_key)
         return DecodeSideLink(*self.shape)
 
     def begin_step(

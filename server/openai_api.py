@@ -5,7 +5,6 @@ streaming or not, closes the backend's iterator, which aborts its request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,13 +28,16 @@ from server.openai_format import (
     new_reply,
 )
 from server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from server.streaming import (
+    ClientGone,
+    ClosingStreamingResponse,
+    client_gone,
+    first_then_rest,
+    watched,
+)
 from transport.messages import TokenOutput
 
 log = logging.getLogger(__name__)
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before its answer was complete."""
 
 
 def openai_routes(backend: GenerationBackend) -> APIRouter:
@@ -70,8 +72,7 @@ async def _answer(handler: Callable[[], Awaitable[Response]]) -> Response:
     try:
         return await handler()
     except ClientGone:
-        log.info("client disconnected; request aborted")
-        return Response(status_code=499)  # nobody reads it; nginx's code for a closed client
+        return client_gone()
     except MAPPED_ERRORS as exc:
         return exception_response(exc)
 
@@ -79,13 +80,12 @@ async def _answer(handler: Callable[[], Awaitable[Response]]) -> Response:
 async def _complete(backend: GenerationBackend, request: Request) -> Response:
     body: CompletionRequest = await parse_body(request, CompletionRequest)
     check_model(backend, body.model)
-    prompt = completion_prompt(backend, body)
+    prompt = await completion_prompt(backend, body)
     max_tokens = fit(backend.max_model_len, len(prompt), body.max_tokens, DEFAULT_COMPLETION_TOKENS)
     reply = new_reply(backend, "cmpl", body, len(prompt), logprobs=body.logprobs is not None)
     sampling = body.sampling(max_tokens, reply.logprobs)
-    outputs = _watched(request, backend.generate(reply.id, prompt, sampling))
-    first = await anext(outputs, None)  # a refused request fails here, before any 200 goes out
-    outputs = _prepend(first, outputs)
+    outputs = watched(request, backend.generate(reply.id, prompt, sampling))
+    outputs = await first_then_rest(outputs)  # a refused request fails here, before any 200
     if body.stream:
         return _event_stream(completion_events(reply, outputs), outputs)
     async for out in outputs:
@@ -96,12 +96,12 @@ async def _complete(backend: GenerationBackend, request: Request) -> Response:
 async def _chat(backend: GenerationBackend, request: Request) -> Response:
     body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     check_model(backend, body.model)
-    prompt = chat_prompt(backend, body)
+    prompt = await chat_prompt(backend, body)
     max_tokens = fit(backend.max_model_len, len(prompt), body.completion_limit, None)
     reply = new_reply(backend, "chatcmpl", body, len(prompt), logprobs=body.logprobs)
     sampling = body.sampling(max_tokens, reply.logprobs)
-    outputs = _watched(request, backend.generate(reply.id, prompt, sampling))
-    outputs = _prepend(await anext(outputs, None), outputs)
+    outputs = watched(request, backend.generate(reply.id, prompt, sampling))
+    outputs = await first_then_rest(outputs)
     if body.stream:
         return _event_stream(chat_events(reply, outputs), outputs)
     async for out in outputs:
@@ -109,21 +109,10 @@ async def _chat(backend: GenerationBackend, request: Request) -> Response:
     return _json(chat_answer(reply))
 
 
-class _EventStream(StreamingResponse):
-    """Closes its body however the response ends, so a client that leaves aborts its request
-    (Starlette cancels a stream on disconnect but leaves the generator suspended)."""
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
-
-
 def _event_stream(
     events: AsyncIterator[str], outputs: AsyncIterator[TokenOutput]
 ) -> StreamingResponse:
-    return _EventStream(_terminated(events, outputs), media_type="text/event-stream")
+    return ClosingStreamingResponse(_terminated(events, outputs), media_type="text/event-stream")
 
 
 async def _terminated(
@@ -151,59 +140,3 @@ async def _terminated(
 
 def _json(payload: BaseModel) -> Response:
     return Response(payload.model_dump_json(), media_type="application/json")
-
-
-async def _prepend(
-    first: TokenOutput | None, rest: AsyncIterator[TokenOutput]
-) -> AsyncIterator[TokenOutput]:
-    try:
-        if first is None:
-            return
-        yield first
-        async for out in rest:
-            yield out
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
-
-
-async def _watched(
-    request: Request, stream: AsyncIterator[TokenOutput]
-) -> AsyncIterator[TokenOutput]:
-    """`stream`'s outputs, raising ClientGone as soon as the client disconnects. `stream` is
-    closed however this ends, which aborts the request if it had not finished."""
-    gone = asyncio.ensure_future(_disconnect(request))
-    step: asyncio.Future | None = None
-    try:
-        while True:
-            step = asyncio.ensure_future(_next(stream))
-            await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                raise ClientGone()
-            out = step.result()
-            if out is None:
-                return
-            yield out
-    finally:
-        gone.cancel()
-        if step is not None and not step.done():
-            step.cancel()
-            await asyncio.wait({step})
-        if step is not None and not step.cancelled():
-            step.exception()  # retrieved, so asyncio does not log it as lost
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def _next(stream: AsyncIterator[TokenOutput]) -> TokenOutput | None:
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
-        return None
-
-
-async def _disconnect(request: Request) -> None:
-    # The body is already read, so the next ASGI message is the disconnect (or the server's
-    # own disconnect once the response is complete, by which time this task is cancelled).
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -31,6 +31,7 @@ from server.openai_protocol import (
     SamplingRequest,
     Usage,
 )
+from server.prompts import encode_chat, encode_text
 from transport.messages import TokenOutput
 
 DEFAULT_COMPLETION_TOKENS = (
@@ -92,15 +93,14 @@ def new_reply(
 # ---------------------------------------------------------------- request -> prompt, budget
 
 
-def completion_prompt(backend: GenerationBackend, body: CompletionRequest) -> list[int]:
-    return body.prompt if isinstance(body.prompt, list) else backend.tokenizer.encode(body.prompt)
+async def completion_prompt(backend: GenerationBackend, body: CompletionRequest) -> list[int]:
+    if isinstance(body.prompt, list):
+        return body.prompt
+    return await encode_text(backend, body.prompt)
 
 
-def chat_prompt(backend: GenerationBackend, body: ChatCompletionRequest) -> list[int]:
-    messages = [m.for_template() for m in body.messages]
-    text = backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # The template already wrote any BOS; adding special tokens again would double it.
-    return backend.tokenizer.encode(text, add_special_tokens=False)
+async def chat_prompt(backend: GenerationBackend, body: ChatCompletionRequest) -> list[int]:
+    return await encode_chat(backend, [m.for_template() for m in body.messages])
 
 
 def check_model(backend: GenerationBackend, model: str | None) -> None:

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from server.request_fields import (
+    INT32_MAX,
+    MinP,
+    Seed,
+    Temperature,
+    TokenCount,
+    TokenId,
+    TopK,
+    TopP,
+    request_config,
+)
 from transport.messages import SamplingSpec
 
-_REQUEST_CONFIG = ConfigDict(strict=True, extra="ignore")
+_REQUEST_CONFIG = request_config(extra="ignore")
 
 
 class StreamOptions(BaseModel):
@@ -27,14 +38,14 @@ class SamplingRequest(BaseModel):
     model_config = _REQUEST_CONFIG
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=-1, ge=-1)  # vLLM extension; -1 and 0 both mean off
-    min_p: float = Field(default=0.0, ge=0, le=1)
-    seed: int | None = None
+    max_tokens: TokenCount | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1  # vLLM extension
+    min_p: MinP = 0.0
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     n: int = 1
     stream: bool = False
@@ -65,8 +76,6 @@ class SamplingRequest(BaseModel):
             raise ValueError("stream_options is only allowed with stream=true")
         if any(not s for s in self.stop_strings()):
             raise ValueError("stop strings must be non-empty")
-        if any(t < 0 for t in self.stop_token_ids or []):
-            raise ValueError("stop_token_ids must be non-negative token ids")
         return self
 
     def stop_strings(self) -> list[str]:
@@ -93,7 +102,7 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     # One prompt: text, or token ids; a one-element batch of either is unwrapped.
-    prompt: str | list[int]
+    prompt: str | list[TokenId]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
@@ -112,9 +121,9 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("prompt must be a string or a list of token ids")
         if not prompt:
             raise ValueError("the prompt is empty")
-        if not all(type(t) is int and t >= 0 for t in prompt):
+        if not all(type(t) is int and 0 <= t <= INT32_MAX for t in prompt):
             raise ValueError(
-                "prompt must be a string or a list of non-negative token ids "
+                f"prompt must be a string or a list of token ids in [0, {INT32_MAX}] "
                 "(only one prompt per request)"
             )
         return prompt
@@ -131,7 +140,7 @@ class CompletionRequest(SamplingRequest):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = _REQUEST_CONFIG
 
     type: str
     text: str | None = None
@@ -165,7 +174,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None

@@ -14,18 +14,33 @@ from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.model_source import resolve_model
 from engine.runner import kv_block_bytes
 from server.offload_client import OffloadClient
+from transport.security import (
+    KEY_ENV,
+    ClusterKey,
+    ClusterKeyError,
+    InsecureBindError,
+    load_cluster_key,
+)
 
 log = logging.getLogger(__name__)
 
 
-def add_router_flags(parser: argparse.ArgumentParser) -> None:
+DEFAULT_CONTROL = "tcp://127.0.0.1:5557"
+
+
+def add_router_flags(
+    parser: argparse.ArgumentParser, control_default: str | None = DEFAULT_CONTROL
+) -> None:
+    """`control_default` None (serve): each deployment picks a private control address."""
     g = parser.add_argument_group("router")
     g.add_argument("--host", default="127.0.0.1", help="HTTP address to bind")
     g.add_argument("--port", type=int, default=8000)
+    picked = "an ipc socket in a private directory, one per deployment"
     g.add_argument(
         "--control",
-        default="tcp://127.0.0.1:5557",
-        help="ZeroMQ address the router binds and the workers connect to",
+        default=control_default,
+        help="ZeroMQ address the router binds and the workers connect to, tcp://HOST:PORT or "
+        f"ipc://PATH (default: {control_default or picked})",
     )
     g.add_argument("--num-prefill", type=int, default=1, help="prefill workers /health waits for")
     g.add_argument("--num-decode", type=int, default=1, help="decode workers /health waits for")
@@ -39,11 +54,33 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds without a heartbeat before a worker is marked dead",
     )
     g.add_argument(
+        "--stuck-timeout",
+        type=float,
+        default=120.0,
+        help="seconds one engine step may run before its worker is reported stuck and its "
+        "requests move to other workers (a slow step is never taken for a dead worker)",
+    )
+    g.add_argument(
+        "--max-migrations",
+        type=int,
+        default=3,
+        help="times a request may move to other workers after its worker dies or is stuck; "
+        "beyond that it ends with a 503",
+    )
+    g.add_argument(
         "--api-key",
         default=os.environ.get("ADRENALINE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on the generation APIs",
+        help="require 'Authorization: Bearer KEY' on the generation APIs, /stats and /admin/ "
+        "(default: $ADRENALINE_API_KEY, which keeps the key off the command line)",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="largest request body accepted; a larger one gets 413 (default: 16 MiB)",
     )
     g.add_argument("--served-model-name", default=None)
+    add_cluster_key_flag(g)
     g.add_argument(
         "--offload-policy",
         default="load-aware",
@@ -91,11 +128,37 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("worker")
     g.add_argument("--router", default="tcp://127.0.0.1:5557", help="the router's control address")
     g.add_argument("--instance", default=None, help="unique worker name (default: role-pid)")
+    add_cluster_key_flag(g)
     g.add_argument(
         "--kv-host",
         default="127.0.0.1",
         help="address prefill workers reach this decode worker's KV at (gloo/nccl)",
     )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to finish this worker's requests before exiting (the router "
+        "moves what is left to other workers)",
+    )
+
+
+def add_cluster_key_flag(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--cluster-key",
+        default=None,
+        metavar="FILE",
+        help="the deployment's secret, from `adrenaline keygen`: only holders join the control "
+        "plane (ZeroMQ CURVE) and gloo/NCCL links; every role needs the same one (default: "
+        f"${KEY_ENV}, the key's text; without either, control sockets bind on loopback only)",
+    )
+
+
+def load_role_key(args: argparse.Namespace, role: str) -> ClusterKey | None:
+    try:
+        return load_cluster_key(args.cluster_key)
+    except ClusterKeyError as exc:
+        raise SystemExit(f"adrenaline {role}: error: --cluster-key: {exc}") from exc
 
 
 def run_router(args: argparse.Namespace) -> int:
@@ -117,19 +180,26 @@ def run_router(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         raise SystemExit(f"adrenaline router: error: --offload-policy: {exc}") from exc
     tokenizer = Tokenizer(resolve_model(args.model))
-    router = Router(
-        model_name=args.served_model_name or args.model,
-        tokenizer=tokenizer,
-        control_address=args.control,
-        expect_prefill=args.num_prefill,
-        expect_decode=args.num_decode,
-        max_pending=args.max_pending,
-        heartbeat_timeout_s=args.heartbeat_timeout,
-        block_size=args.block_size,
-        offload_policy=policy,
-        expect_attention=args.num_attention,
-    )
-    app = create_app(router, api_key=args.api_key)
+    cluster_key = load_role_key(args, "router")
+    try:
+        router = Router(
+            model_name=args.served_model_name or args.model,
+            tokenizer=tokenizer,
+            control_address=args.control,
+            expect_prefill=args.num_prefill,
+            expect_decode=args.num_decode,
+            max_pending=args.max_pending,
+            heartbeat_timeout_s=args.heartbeat_timeout,
+            stuck_timeout_s=args.stuck_timeout,
+            max_migrations=args.max_migrations,
+            block_size=args.block_size,
+            offload_policy=policy,
+            expect_attention=args.num_attention,
+            cluster_key=cluster_key,
+        )
+    except InsecureBindError as exc:
+        raise SystemExit(f"adrenaline router: error: --control: {exc}") from exc
+    app = create_app(router, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -142,6 +212,7 @@ def run_worker(role: str, args: argparse.Namespace, config: EngineConfig) -> int
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     instance = args.instance or f"{role}-{os.getpid()}"
+    cluster_key = load_role_key(args, role)
     kv_host = None
     cfg = ModelConfig.from_model_dir(resolve_model(config.model))
 
@@ -149,7 +220,7 @@ def run_worker(role: str, args: argparse.Namespace, config: EngineConfig) -> int
         nonlocal kv_host
         if role == "decode":
             kv_host = create_pool_host(
-                args.kv_transfer, shape, dtype, device, instance, args.kv_host
+                args.kv_transfer, shape, dtype, device, instance, args.kv_host, cluster_key
             )
             return kv_host.pool
         # A prefill worker's pool is shared with its attention executor, which owns the extra
@@ -166,12 +237,13 @@ def run_worker(role: str, args: argparse.Namespace, config: EngineConfig) -> int
         offload = OffloadClient(
             instance, cfg.num_layers, config.batch.max_num_seqs, cfg.num_heads,
             cfg.num_kv_heads, cfg.head_dim, parse_dtype(config.dtype), torch.device(config.device),
+            cluster_key=cluster_key,
         )  # fmt: skip
     engine = LLMEngine(config, kv_pool_factory=pool_factory, remote=offload)
-    sender = KVSender(engine.runner.kv_pool, instance) if role == "prefill" else None
+    sender = KVSender(engine.runner.kv_pool, instance, cluster_key) if role == "prefill" else None
     worker = Worker(
         role, instance, engine, args.router, config.model, kv_host=kv_host, kv_sender=sender,
-        offload=offload,
+        offload=offload, drain_timeout_s=args.drain_timeout, cluster_key=cluster_key,
     )  # fmt: skip
     worker.run()
     return 0
@@ -201,6 +273,7 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("attention")
     g.add_argument("--router", default="tcp://127.0.0.1:5557", help="the router's control address")
     g.add_argument("--instance", default=None, help="unique name (default: attention-pid)")
+    add_cluster_key_flag(g)
     g.add_argument(
         "--colocated-with",
         required=True,
@@ -230,6 +303,7 @@ def run_attention(args: argparse.Namespace, config: EngineConfig) -> int:
         raise SystemExit(f"adrenaline attention: error: --sm-share: {exc}") from exc
     torch.set_num_threads(1)  # decode attention is bandwidth-bound; leave the cores to prefill
     instance = args.instance or f"attention-{os.getpid()}"
+    cluster_key = load_role_key(args, "attention")
     cfg = ModelConfig.from_model_dir(resolve_model(config.model))
     device, dtype = torch.device(config.device), parse_dtype(config.dtype)
     backend_cls = select_backend(config.attention_backend, device, dtype, config.cache.block_size)
@@ -238,10 +312,13 @@ def run_attention(args: argparse.Namespace, config: EngineConfig) -> int:
     def make_executor(pool: torch.Tensor, first_block: int, num_blocks: int) -> AttentionExecutor:
         return AttentionExecutor(pool, backend, first_block, num_blocks)
 
-    worker = ExecutorWorker(
-        instance, args.colocated_with, make_executor, args.router, args.bind_host,
-        config.model, config.batch.max_model_len, device,
-    )  # fmt: skip
+    try:
+        worker = ExecutorWorker(
+            instance, args.colocated_with, make_executor, args.router, args.bind_host,
+            config.model, config.batch.max_model_len, device, cluster_key,
+        )  # fmt: skip
+    except InsecureBindError as exc:
+        raise SystemExit(f"adrenaline attention: error: --bind-host: {exc}") from exc
     worker.run()
     return 0
 

@@ -1,6 +1,7 @@
 """A whole `adrenaline serve` deployment started as a child process on loopback, for the
-benchmark's policy comparison and the end-to-end tests: free ports, wait for /health, and a
-stop that leaves nothing behind (serve and its roles share one process group)."""
+benchmark's policy comparison and the end-to-end tests: a free HTTP port (serve picks its
+internal addresses itself), wait for /health, and a stop that leaves nothing behind (serve
+drains and stops its roles; killed, it takes them with it)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,9 @@ def free_port() -> int:
 class ServeProcess:
     def __init__(self, flags: list[str], startup_timeout: float = 120.0) -> None:
         self.port = free_port()
-        self.control = f"tcp://127.0.0.1:{free_port()}"
         self.url = f"http://127.0.0.1:{self.port}"
         adrenaline = Path(sys.executable).parent / "adrenaline"
-        argv = [str(adrenaline), "serve", "--port", str(self.port), "--control", self.control,
-                *flags]  # fmt: skip
+        argv = [str(adrenaline), "serve", "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(argv, start_new_session=True)
         self._wait_healthy(startup_timeout)
 
@@ -48,13 +47,13 @@ class ServeProcess:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # serve stops its roles in order
+            self.proc.send_signal(signal.SIGTERM)  # serve drains, then stops its roles in order
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # anything left in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its roles die with it (PR_SET_PDEATHSIG)
         except ProcessLookupError:
             pass
         self.proc.wait()

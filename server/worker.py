@@ -2,7 +2,9 @@
 
 A single thread owns the engine. It drains control messages, runs an engine step whenever there
 is work, and reports tokens; KV copies run on a side thread and report back through a queue, so
-a slow transfer never stalls the batch.
+a slow transfer never stalls the batch. Heartbeats go out from a thread of their own, so a long
+step never makes a live worker look dead. SIGTERM (or a Drain message) drains: the worker takes
+nothing new, finishes what it has, then exits.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import msgspec
 import zmq
 
-from engine.engine import Handoff, LLMEngine, RequestOutput
+from engine.engine import Handoff, LLMEngine, RequestOutput, Resume
 from engine.sequence import InvalidRequestError, sampling_params
 from server.offload_client import OffloadClient
+from transport.heartbeat import HeartbeatThread, SharedSocket, StepProgress, host_identity
 from transport.kv_transfer import KVPoolHost, KVSender
 from transport.messages import (
     Abort,
     DecodeReserved,
+    Drain,
     KVSent,
     Prefill,
     Register,
@@ -37,10 +41,20 @@ from transport.messages import (
     decode,
     encode,
 )
+from transport.security import (
+    ClusterKey,
+    report_handshake_failures,
+    secure_client,
+    set_frame_limit,
+)
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.5
+DRAIN_TIMEOUT_S = 30.0
+STATS_REFRESH_S = 0.1
+# Test hook: "INSTANCE:N:S" makes that worker's N-th engine step (from 1) sleep S seconds
+# first, to prove a worker stalled inside a step is not declared dead.
+STALL_ENV = "ADRENALINE_TEST_STALL_STEP"
 
 
 class Worker:
@@ -54,21 +68,37 @@ class Worker:
         kv_host: KVPoolHost | None = None,
         kv_sender: KVSender | None = None,
         offload: OffloadClient | None = None,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        cluster_key: ClusterKey | None = None,
     ) -> None:
         assert role in ("prefill", "decode")
         self.role, self.instance, self.engine = role, instance, engine
         self.model_name = model_name
         self.kv_host, self.kv_sender = kv_host, kv_sender
         self.offload = offload
-        if offload is not None:
-            offload.on_idle = self._heartbeat
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, instance.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(router_address)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, instance.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        # Sends never block (see SharedSocket): with no high-water mark, a busy router delays
+        # token outputs but never makes this worker drop one.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        secure_client(sock, cluster_key)
+        set_frame_limit(sock)
+        sock.connect(router_address)
+        if cluster_key is not None:
+            report_handshake_failures(sock, f"the router at {router_address}")
+        self.sock = SharedSocket(sock)
         self.stopping = False
-        self._last_heartbeat = 0.0
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_deadline: float | None = None  # set once draining
+        self.dropped_messages = 0
+        self.progress = StepProgress()
+        self.host = host_identity()
+        self._stats = self._collect_stats()
+        self._stats_at = 0.0
+        self._heartbeats = HeartbeatThread(self._heartbeat)
+        self._stall = _parse_stall(os.environ.get(STALL_ENV, ""), instance)
         # Prefill side: KV copies in flight, completed on the side thread.
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-send")
         self._copies_done: queue.Queue[tuple[str, str | None]] = queue.Queue()
@@ -79,44 +109,86 @@ class Worker:
 
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: self.stop())
-        log.info("%s %s serving; router at %s", self.role, self.instance, self.sock.LAST_ENDPOINT)
+            signal.signal(signum, lambda *_: self.drain())
+        log.info("%s %s serving", self.role, self.instance)
+        self._heartbeats.start()
         try:
             while not self.stopping:
-                self._heartbeat()
+                self._refresh_stats()
                 busy = self.engine.has_unfinished() or self._incoming
                 if self.sock.poll(0 if busy else 50):
                     self._drain_socket()
                 self._finish_copies()
                 self._start_arrived()
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
+                    for out in self._step():
                         self._send_output(out)
+                if self.drain_deadline is not None and self._drained():
+                    self.stopping = True
         finally:
+            self._heartbeats.stop()
             self.close()
+
+    def _step(self) -> list[RequestOutput]:
+        self.progress.begin()
+        try:
+            if self._stall and self.progress.steps_total + 1 == self._stall[0]:
+                time.sleep(self._stall[1])
+            return self.engine.step()
+        finally:
+            self.progress.end()
 
     def stop(self) -> None:
         self.stopping = True
+
+    def drain(self) -> None:
+        """Takes nothing new and exits once idle (or at the drain deadline, leaving what is
+        left to the router, which migrates it); a second call stops at once."""
+        if self.drain_deadline is not None:
+            self.stop()
+            return
+        log.info("%s %s draining (at most %.0f s)", self.role, self.instance,
+                 self.drain_timeout_s)  # fmt: skip
+        self.drain_deadline = time.monotonic() + self.drain_timeout_s
+        self._stats_at = 0.0
+
+    def _drained(self) -> bool:
+        # Held KV counts: a prefill worker's blocks may be lent to its executor, or mid-copy.
+        idle = not self.engine.requests and not self._incoming and self._copies_done.empty()
+        if idle:
+            log.info("%s %s drained: exiting", self.role, self.instance)
+        elif time.monotonic() > self.drain_deadline:
+            log.warning("%s %s: drain timed out with %d requests; the router moves them",
+                        self.role, self.instance, len(self.engine.requests))  # fmt: skip
+            return True
+        return idle
 
     def close(self) -> None:
         self._copier.shutdown(wait=False, cancel_futures=True)
         for closable in (self.kv_host, self.kv_sender, self.offload):
             if closable is not None:
                 closable.close()
-        self.sock.close(0)
+        self.sock.close()
         self.ctx.term()
 
     def _send(self, message) -> None:
-        self.sock.send(encode(message))
+        if not self.sock.send(encode(message)):
+            log.warning("router unreachable: dropped a %s", type(message).__name__)
 
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        if now - self._last_heartbeat < HEARTBEAT_S:
-            return
-        self._last_heartbeat = now
+    def _collect_stats(self) -> WorkerStats:
         s = self.engine.stats()
         if self.offload is not None:
             s["offload_roundtrip_ms"] = round(self.offload.roundtrip_ms, 4)
+        s["dropped_messages"] = self.dropped_messages
+        return WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__ if k in s})
+
+    def _refresh_stats(self) -> None:
+        # The heartbeat thread sends the latest snapshot; the engine is only read here.
+        now = time.monotonic()
+        if now - self._stats_at >= STATS_REFRESH_S:
+            self._stats, self._stats_at = self._collect_stats(), now
+
+    def _heartbeat(self) -> None:
         self._send(
             Register(
                 role=self.role,
@@ -125,20 +197,31 @@ class Worker:
                 model=self.model_name,
                 max_model_len=self.engine.max_model_len,
                 kv_endpoint=self.kv_host.endpoint if self.kv_host else {},
-                stats=WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__ if k in s}),
+                stats=self._stats,
+                progress=self.progress.snapshot(),
+                draining=self.drain_deadline is not None,
+                host=self.host,
             )
         )
 
     def _drain_socket(self) -> None:
-        while True:
+        while (frames := self.sock.recv_nowait()) is not None:
             try:
-                raw = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                self._handle(decode(raw))
-            except msgspec.DecodeError:
-                log.error("dropping a malformed control message (%d bytes)", len(raw))
+                if len(frames) != 1:
+                    raise ValueError(f"{len(frames)} frames")
+                self._handle(decode(frames[0]))
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                self._drop(f"malformed control message ({exc})")
+            except Exception:
+                self.dropped_messages += 1
+                log.exception("%s %s failed handling a control message", self.role,
+                              self.instance)  # fmt: skip
+
+    def _drop(self, why: str) -> None:
+        self.dropped_messages += 1
+        if self.dropped_messages <= 10 or self.dropped_messages % 1000 == 0:
+            log.error("%s %s dropped a %s (%d so far)", self.role, self.instance, why,
+                      self.dropped_messages)  # fmt: skip
 
     def _handle(self, msg) -> None:
         if isinstance(msg, Prefill):
@@ -153,15 +236,22 @@ class Worker:
             self._on_abort(msg.request_id)
         elif isinstance(msg, Shutdown):
             self.stop()
+        elif isinstance(msg, Drain):
+            self.drain()
         else:
-            log.warning("unexpected %s on a %s worker", type(msg).__name__, self.role)
+            self._drop(f"{type(msg).__name__}, unexpected on a {self.role} worker")
 
     # Prefill side ---------------------------------------------------------------------------
 
     def _on_prefill(self, msg: Prefill) -> None:
+        resume = None
+        if msg.output_token_ids:
+            resume = Resume(msg.output_token_ids, msg.output_logprobs, msg.text_sent)
         try:
             params = sampling_params(msg.sampling)
-            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, handoff=True)
+            self.engine.add_request(
+                msg.request_id, msg.prompt_token_ids, params, handoff=True, resume=resume
+            )
         except InvalidRequestError as exc:
             self._send(RequestError(msg.request_id, str(exc), status=400))
 
@@ -257,9 +347,6 @@ class Worker:
                 prompt_tokens=len(out.prompt_token_ids),
                 handoff=out.handoff,
                 block_table=self.engine.held_block_table(out.request_id) if out.handoff else None,
-                # A handed-off request has sent exactly one output: this one.
-                text_sent=len(out.new_text) if out.handoff else 0,
-                generator_state=out.generator_state,
             )
         )
 
@@ -267,12 +354,18 @@ class Worker:
 def handoff_of(msg: ReserveDecode) -> Handoff:
     return Handoff(
         prompt_token_ids=msg.prompt_token_ids,
-        first_token=msg.first_token,
-        first_logprob=msg.first_logprob,
+        output_token_ids=msg.output_token_ids,
+        output_logprobs=msg.output_logprobs,
         params=sampling_params(msg.sampling),
-        generator_state=msg.generator_state,
         text_sent=msg.text_sent,
     )
+
+
+def _parse_stall(spec: str, instance: str) -> tuple[int, float] | None:
+    if not spec:
+        return None
+    name, step, seconds = spec.rsplit(":", 2)
+    return (int(step), float(seconds)) if name == instance else None
 
 
 def _error_text(future: Future) -> str | None:

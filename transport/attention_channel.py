@@ -19,11 +19,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from transport.kv_transfer import dtype_from_str, dtype_to_str
+from transport.kv_transfer import KVTransferError, dtype_from_str, dtype_to_str
 from transport.shm_transfer import SharedMemory, _open_untracked, remove_stale_segments
 
 SEGMENT_PREFIX = "adrenaline-attn-"
 _HEADER_BYTES = 64  # counters: request, response, rows, refused step + 1
+MAX_LINK_ROWS = 8192  # a decode batch's offloaded rows: at most its max_num_seqs
+_MAX_DIM = 1 << 16
 
 
 class ChannelTimeout(TimeoutError):
@@ -32,6 +34,28 @@ class ChannelTimeout(TimeoutError):
 
 class StepRefused(RuntimeError):
     """The executor could not serve this step (an unknown request, no KV blocks left)."""
+
+
+class BadLinkEndpoint(ValueError):
+    """A link endpoint (from a peer's AttachLink) that this side cannot or will not map."""
+
+
+def link_dims(endpoint: dict) -> tuple[int, int, int, int, torch.dtype]:
+    """(max_rows, num_heads, num_kv_heads, head_dim, dtype) of any kind of link endpoint,
+    each checked for its type and range before anything is sized from it."""
+    dims = []
+    for field in ("max_rows", "num_heads", "num_kv_heads", "head_dim"):
+        value = endpoint.get(field)
+        limit = MAX_LINK_ROWS if field == "max_rows" else _MAX_DIM
+        if type(value) is not int or not 0 < value <= limit:
+            raise BadLinkEndpoint(f"link field {field!r} must be an int in [1, {limit}], "
+                                  f"got {value!r}")  # fmt: skip
+        dims.append(value)
+    try:
+        dtype = dtype_from_str(endpoint.get("dtype"))  # type: ignore[arg-type]
+    except KVTransferError as exc:
+        raise BadLinkEndpoint(str(exc)) from exc
+    return dims[0], dims[1], dims[2], dims[3], dtype
 
 
 def _layout(max_rows: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype) -> dict:
@@ -157,12 +181,21 @@ class ExecutorSideLink:
     """The executor's end of a decode worker's link, mapped from the endpoint it was sent."""
 
     def __init__(self, endpoint: dict) -> None:
-        dtype = dtype_from_str(str(endpoint["dtype"]))
-        layout = _layout(
-            int(endpoint["max_rows"]), int(endpoint["num_heads"]), int(endpoint["num_kv_heads"]),
-            int(endpoint["head_dim"]), dtype,
-        )  # fmt: skip
-        self.region = _Region(_open_untracked(str(endpoint["name"])), layout, dtype)
+        max_rows, num_heads, num_kv_heads, head_dim, dtype = link_dims(endpoint)
+        layout = _layout(max_rows, num_heads, num_kv_heads, head_dim, dtype)
+        name = endpoint.get("name")
+        if not isinstance(name, str) or not name.startswith(SEGMENT_PREFIX) or "/" in name:
+            raise BadLinkEndpoint(f"{name!r} is not a per-layer channel segment")
+        try:
+            shm = _open_untracked(name)
+        except OSError as exc:
+            raise BadLinkEndpoint(f"cannot open channel segment {name}: {exc}") from exc
+        if shm.size != layout["nbytes"]:
+            shm.close()
+            raise BadLinkEndpoint(f"channel segment {name} holds {shm.size} bytes; the link "
+                                  f"needs exactly {layout['nbytes']}")  # fmt: skip
+        self.region = _Region(shm, layout, dtype)
+        self.max_rows = max_rows
         self.on_idle: Callable[[], None] | None = None
 
     def receive(self, seq_no: int, timeout_s: float):
@@ -171,6 +204,8 @@ class ExecutorSideLink:
             # The decode worker abandoned this step and began a later one.
             raise ChannelTimeout(f"step superseded (expected {seq_no})")
         n = int(self.region.counters[2])
+        if not 0 <= n <= self.max_rows:
+            raise ChannelTimeout(f"the decode worker posted {n} rows (at most {self.max_rows})")
         t = self.region.tensors
         return t["q"][:n], t["k"][:n], t["v"][:n]
 

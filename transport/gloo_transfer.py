@@ -5,7 +5,9 @@ decode worker's TCPStore, so a worker can talk to any number of peers. A transfe
 the store ("{transfer_id},{num_blocks}") before its data is sent, so the decode side only posts a
 recv when data is on its way: a gloo wait that times out poisons the whole group, so it must
 never idle inside one. Either side drops a failed group; the sender rebuilds it under a new
-generation number, which the decode side follows.
+generation number, which the decode side follows. With a cluster key every message in the log
+carries an HMAC (over its sender, receiver, sequence number and text) and the pair group forms
+only with a peer that proves the key (transport.p2p_group); other messages are refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from transport.kv_transfer import (
     dtype_to_str,
     shape_to_str,
 )
+from transport.p2p_group import PairAuthError, join_pair
+from transport.security import ClusterKey
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +45,6 @@ def _tag(transfer_id: int) -> int:
     return transfer_id % 2**31
 
 
-def _make_group(backend: str, store: dist.Store, rank: int, timeout_s: float) -> dist.ProcessGroup:
-    """Blocks until both ranks of the pair joined (or timeout_s passed)."""
-    timeout = timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, 2, timeout)
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, 2, options)
-    raise KVTransferError(f"unknown point-to-point backend {backend!r}")
-
-
 def _pair_prefix(src: str, dst: str, generation: int) -> str:
     return f"{src}->{dst}/{generation}"
 
@@ -61,10 +53,14 @@ def _message_key(src: str, seq: int) -> str:
     return f"{src}/msg/{seq}"
 
 
-def _post(store: dist.Store, src: str, *fields: object) -> None:
-    """Appends to src's message log: "join,gen,timeout_s" | "send,gen,transfer_id,n" | "close"."""
+def _post(store: dist.Store, src: str, dst: str, key: ClusterKey | None, *fields: object) -> None:
+    """Appends to src's message log: "join,gen,timeout_s" | "send,gen,transfer_id,n" | "close",
+    then ";HMAC" with a cluster key."""
     seq = int(store.add(f"{src}/seq", 1)) - 1
-    store.set(_message_key(src, seq), ",".join(str(f) for f in fields))
+    text = ",".join(str(f) for f in fields)
+    if key is not None:
+        text += ";" + key.mac("kv-message", src, dst, seq, text)
+    store.set(_message_key(src, seq), text)
 
 
 class P2PPoolHost:
@@ -80,9 +76,11 @@ class P2PPoolHost:
         host: str = "127.0.0.1",
         connect_timeout_s: float = 30.0,
         data_timeout_s: float = 60.0,
+        cluster_key: ClusterKey | None = None,
     ) -> None:
         self.backend = backend
         self.instance = instance
+        self.cluster_key = cluster_key
         self.pool = torch.zeros(shape, dtype=dtype, device=device)
         self.connect_timeout_s = connect_timeout_s
         self.data_timeout_s = data_timeout_s
@@ -140,7 +138,7 @@ class P2PPoolHost:
         with self._links_lock:
             links = dict(self._links)
         for src in links:
-            _post(self._store, src, "close")
+            _post(self._store, src, self.instance, self.cluster_key, "close")
         for thread in links.values():
             thread.join(timeout=1.0)
 
@@ -156,21 +154,35 @@ class P2PPoolHost:
         for fields in self._messages(store, src):
             if fields[0] == "close":
                 return
-            if fields[0] == "join":
-                group, generation = None, int(fields[1])
-                prefix = _pair_prefix(src, self.instance, generation)
-                try:
-                    pair_store = dist.PrefixStore(prefix, store)
-                    group = _make_group(self.backend, pair_store, HOST_RANK, float(fields[2]))
-                    logger.info("[decode %s] KV link %s up", self.instance, prefix)
-                except Exception as e:  # a sender that gave up: it posts a new join
-                    logger.warning("[decode %s] joining %s failed: %s", self.instance, prefix, e)
-            elif fields[0] == "send":
-                link_generation, transfer_id, num_blocks = (int(x) for x in fields[1:])
-                if group is None or link_generation != generation:
-                    self._transfers.fail(transfer_id, f"transfer {transfer_id}: link is down")
-                elif not self._receive_one(src, group, transfer_id, num_blocks):
-                    group = None  # a failed wait poisons the group; the sender rebuilds it
+            try:
+                if fields[0] == "join":
+                    generation = int(fields[1])
+                    group = self._join(store, src, generation, float(fields[2]))
+                elif fields[0] == "send":
+                    link_generation, transfer_id, num_blocks = (int(x) for x in fields[1:])
+                    if group is None or link_generation != generation:
+                        self._transfers.fail(transfer_id, f"transfer {transfer_id}: link is down")
+                    elif not self._receive_one(src, group, transfer_id, num_blocks):
+                        group = None  # a failed wait poisons the group; the sender rebuilds it
+            except (ValueError, IndexError):
+                logger.warning("[decode %s] malformed KV message from %s: %s", self.instance,
+                               src, fields)  # fmt: skip
+
+    def _join(
+        self, store: dist.Store, src: str, generation: int, timeout_s: float
+    ) -> dist.ProcessGroup | None:
+        label = _pair_prefix(src, self.instance, generation)
+        try:
+            group = join_pair(self.backend, store, HOST_RANK, timeout_s, label,
+                              self.cluster_key, self.pool.device)  # fmt: skip
+        except PairAuthError as e:
+            logger.error("[decode %s] refused KV link %s: %s", self.instance, label, e)
+            return None
+        except Exception as e:  # a sender that gave up: it posts a new join
+            logger.warning("[decode %s] joining %s failed: %s", self.instance, label, e)
+            return None
+        logger.info("[decode %s] KV link %s up", self.instance, label)
+        return group
 
     def _messages(self, store: dist.TCPStore, src: str) -> Iterator[list[str]]:
         """The peer's message log in the store, in order; waits never time out while idle."""
@@ -181,10 +193,21 @@ class P2PPoolHost:
                 store.wait([key], IDLE_WAIT)
             except Exception:
                 continue  # idle for IDLE_WAIT: keep waiting
-            fields = store.get(key).decode().split(",")
+            text = store.get(key).decode(errors="replace")
             store.delete_key(key)
             seq += 1
-            yield fields
+            body, _, mac = text.partition(";")
+            if self.cluster_key is None and mac:
+                logger.error("[decode %s] %s signs its KV messages but this worker has no "
+                             "--cluster-key; refused", self.instance, src)  # fmt: skip
+            elif self.cluster_key is not None and not self.cluster_key.verify(
+                mac, "kv-message", src, self.instance, seq - 1, body
+            ):
+                logger.error("[decode %s] refused a KV message for %s without a valid proof of "
+                             "the cluster key (is --cluster-key the same on both?)", self.instance,
+                             src)  # fmt: skip
+            else:
+                yield body.split(",")
 
     def _receive_one(
         self, src: str, group: dist.ProcessGroup, transfer_id: int, num_blocks: int
@@ -220,18 +243,24 @@ class P2PPoolHost:
 
 
 class _SendLink:
-    def __init__(self, store: dist.TCPStore, group: dist.ProcessGroup, generation: int) -> None:
+    def __init__(
+        self, store: dist.TCPStore, group: dist.ProcessGroup, generation: int, dst: str
+    ) -> None:
         self.store = store
         self.group = group
         self.generation = generation
+        self.dst = dst
 
 
 class P2PSender:
     """Prefill side: one 2-rank group per decode endpoint, built on first send."""
 
-    def __init__(self, pool: torch.Tensor, instance: str) -> None:
+    def __init__(
+        self, pool: torch.Tensor, instance: str, cluster_key: ClusterKey | None = None
+    ) -> None:
         self.pool = pool
         self.instance = instance
+        self.cluster_key = cluster_key
         self._lock = threading.Lock()
         self._links: dict[tuple[str, int], _SendLink] = {}
         self._peer_locks: dict[tuple[str, int], threading.Lock] = {}
@@ -246,11 +275,12 @@ class P2PSender:
             timeout=timedelta(seconds=timeout_s),
         )
         generation = int(store.add(f"{self.instance}/gen", 1))
-        _post(store, self.instance, "join", generation, timeout_s)
-        prefix = _pair_prefix(self.instance, str(endpoint["instance"]), generation)
-        group = _make_group(backend, dist.PrefixStore(prefix, store), SENDER_RANK, timeout_s)
-        logger.info("[prefill %s] KV link %s up", self.instance, prefix)
-        return _SendLink(store, group, generation)
+        dst, key = str(endpoint["instance"]), self.cluster_key
+        _post(store, self.instance, dst, key, "join", generation, timeout_s)
+        label = _pair_prefix(self.instance, dst, generation)
+        group = join_pair(backend, store, SENDER_RANK, timeout_s, label, key, self.pool.device)
+        logger.info("[prefill %s] KV link %s up", self.instance, label)
+        return _SendLink(store, group, generation, dst)
 
     def send(
         self,
@@ -289,7 +319,8 @@ class P2PSender:
     ) -> None:
         # [num_layers, 2, n, block_size, num_kv_heads, head_dim], contiguous
         blocks = self.pool.index_select(2, block_index(src_block_ids, self.pool.device))
-        _post(link.store, self.instance, "send", link.generation, transfer_id, len(src_block_ids))
+        _post(link.store, self.instance, link.dst, self.cluster_key, "send", link.generation,
+              transfer_id, len(src_block_ids))  # fmt: skip
         remaining = max(deadline - time.monotonic(), 0.001)
         link.group.send([blocks], HOST_RANK, _tag(transfer_id)).wait(timedelta(seconds=remaining))
 

@@ -13,9 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from transport.security import ClusterKey
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +184,10 @@ def create_pool_host(
     device: torch.device,
     instance: str,
     host: str = "127.0.0.1",
+    cluster_key: ClusterKey | None = None,
 ) -> KVPoolHost:
-    """Allocates a decode worker's KV pool where the chosen transport can reach it."""
+    """Allocates a decode worker's KV pool where the chosen transport can reach it; with a
+    cluster key, gloo/nccl peers must prove it (shm and CUDA IPC never leave the host)."""
     device = torch.device(device)
     if kind == "auto":
         kind = "cuda_ipc" if device.type == "cuda" else "shm"
@@ -197,7 +202,7 @@ def create_pool_host(
     if kind in ("gloo", "nccl"):
         from transport.gloo_transfer import P2PPoolHost
 
-        return P2PPoolHost(kind, shape, dtype, device, instance, host)
+        return P2PPoolHost(kind, shape, dtype, device, instance, host, cluster_key=cluster_key)
     if kind == "cuda_ipc":
         from transport.cuda_ipc_transfer import CudaIpcPoolHost
 
@@ -205,7 +210,9 @@ def create_pool_host(
     raise KVTransferError(f"unknown KV transport {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-def _make_sender(kind: str, pool: torch.Tensor, instance: str) -> BlockSender:
+def _make_sender(
+    kind: str, pool: torch.Tensor, instance: str, cluster_key: ClusterKey | None
+) -> BlockSender:
     if kind == "shm":
         from transport.shm_transfer import ShmSender
 
@@ -213,7 +220,7 @@ def _make_sender(kind: str, pool: torch.Tensor, instance: str) -> BlockSender:
     if kind in ("gloo", "nccl"):
         from transport.gloo_transfer import P2PSender
 
-        return P2PSender(pool, instance)
+        return P2PSender(pool, instance, cluster_key)
     if kind == "cuda_ipc":
         from transport.cuda_ipc_transfer import CudaIpcSender
 
@@ -224,9 +231,12 @@ def _make_sender(kind: str, pool: torch.Tensor, instance: str) -> BlockSender:
 class KVSender:
     """Prefill side: copies blocks of its pool into peers' pools, keeping one link per peer."""
 
-    def __init__(self, pool: torch.Tensor, instance: str) -> None:
+    def __init__(
+        self, pool: torch.Tensor, instance: str, cluster_key: ClusterKey | None = None
+    ) -> None:
         self.pool = pool
         self.instance = instance
+        self.cluster_key = cluster_key
         self._lock = threading.Lock()
         self._by_kind: dict[str, BlockSender] = {}
 
@@ -234,7 +244,8 @@ class KVSender:
         with self._lock:
             sender = self._by_kind.get(kind)
             if sender is None:
-                sender = self._by_kind[kind] = _make_sender(kind, self.pool, self.instance)
+                sender = _make_sender(kind, self.pool, self.instance, self.cluster_key)
+                self._by_kind[kind] = sender
             return sender
 
     def send(

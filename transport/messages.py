@@ -19,6 +19,13 @@ after the first token R sends E a ReserveDecode naming the blocks prefill wrote 
 then sends D a ReserveDecode naming E. D decodes it in its batch and, every step, sends E an
 AttentionStep and per-layer tensors; E grows the request's KV in its own share of the pool.
 When E lets go of the request it sends R OffloadReleased, and R tells P to free the lent blocks.
+
+R believes a message about a request only from the worker it placed that request on. When one
+of them dies or is stuck, R migrates the request: a new Prefill (under a new wire id) carries
+the tokens generated so far, P recomputes their KV and samples the next one, and the hand-off
+runs again. Sampling needs no state to move: a request's random stream is a function of its
+seed and its number of output tokens. A worker told to Drain (or sent SIGTERM) reports
+`draining` in its heartbeats, takes nothing new, and exits once its requests are done.
 """
 
 from __future__ import annotations
@@ -59,10 +66,21 @@ class WorkerStats(msgspec.Struct, frozen=True):
     generation_tokens_total: int = 0
     aborts_total: int = 0
     num_reclaimed: int = 0  # decode: offloaded requests taken back from a failed executor
+    dropped_messages: int = 0  # received messages dropped (malformed, unexpected, refused)
+
+
+class Progress(msgspec.Struct, frozen=True):
+    """How a worker's engine loop is doing, apart from whether its process is alive: a slow
+    step is progress, a step that never ends is not."""
+
+    steps_total: int = 0
+    step_running_s: float = 0.0  # how long the step now running has taken (0: between steps)
+    last_step_ms: float = 0.0
 
 
 class Register(msgspec.Struct, tag=True, frozen=True):
-    """Sent on start and then as the heartbeat, so a restarted router relearns its workers."""
+    """Sent on start and then as the heartbeat, so a restarted router relearns its workers.
+    Heartbeats come from a thread of their own: a long step never silences them."""
 
     role: str  # "prefill" | "decode"
     instance: str
@@ -77,12 +95,22 @@ class Register(msgspec.Struct, tag=True, frozen=True):
     # address decode workers send step plans to.
     colocated_with: str = ""
     attention_address: str = ""
+    progress: Progress = Progress()
+    draining: bool = False  # finishing its requests before it exits: place nothing new here
+    # Where the process runs (host name and boot id), so a router on the same host can tell
+    # within a heartbeat that its pid has exited.
+    host: str = ""
 
 
 class Prefill(msgspec.Struct, tag=True, frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingSpec
+    # A migrated request continues after the tokens it already generated elsewhere: prefill
+    # computes the KV of prompt + outputs and samples the next token.
+    output_token_ids: list[int] = []
+    output_logprobs: list[float] | None = None
+    text_sent: int = 0  # characters of output text the client already has
 
 
 class TokenOutput(msgspec.Struct, tag=True, frozen=True):
@@ -96,19 +124,18 @@ class TokenOutput(msgspec.Struct, tag=True, frozen=True):
     # Set on a prefill worker's first token when its KV waits for a decode worker: what that
     # worker needs to continue exactly where prefill stopped.
     handoff: bool = False
-    text_sent: int = 0
-    generator_state: bytes | None = None
     block_table: list[int] | None = None  # the prefill worker's blocks holding the prompt KV
 
 
 class ReserveDecode(msgspec.Struct, tag=True, frozen=True):
     request_id: str
     prompt_token_ids: list[int]
-    first_token: int
-    first_logprob: float | None
+    # Every output token so far, the newest (whose KV is not computed yet) last; the random
+    # stream continues from `sampling.seed` and their count.
+    output_token_ids: list[int]
+    output_logprobs: list[float] | None
     text_sent: int
     sampling: SamplingSpec
-    generator_state: bytes | None
     prefill_instance: str
     transfer_id: int
     # Set for an offloaded request: its KV lives in this attention executor's pool, the decode
@@ -155,6 +182,10 @@ class RequestError(msgspec.Struct, tag=True, frozen=True):
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):
     pass
+
+
+class Drain(msgspec.Struct, tag=True, frozen=True):
+    """To a worker: finish what you have, take nothing new, then exit (as on SIGTERM)."""
 
 
 class AttachPool(msgspec.Struct, tag=True, frozen=True):
@@ -208,6 +239,7 @@ Message = (
     | Abort
     | RequestError
     | Shutdown
+    | Drain
     | AttachPool
     | OffloadReleased
     | AttachLink

@@ -7,7 +7,8 @@ Per layer, decode -> executor: header [seq_no, rows], q, k, v; executor -> decod
 host reads a header to size a receive. With NCCL, `.wait()` only orders the current stream
 after the transfer, so nothing syncs the host until `check()` at the step's end; gloo blocks
 per call and the decode side checks each header at once. A refused step is still answered
-layer by layer (its inputs drained), since every send needs its matching receive.
+layer by layer (its inputs drained), since every send needs its matching receive. With a
+cluster key the pair group forms only with a peer that proves the key (transport.p2p_group).
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ import torch
 import torch.distributed as dist
 
 from transport.attention_channel import ChannelTimeout, StepRefused
-from transport.gloo_transfer import _make_group
 from transport.kv_transfer import Endpoint, dtype_from_str, dtype_to_str
+from transport.p2p_group import join_pair
+from transport.security import ClusterKey
 
 DECODE_RANK, EXECUTOR_RANK = 0, 1
 _TAG = 0  # gloo keeps one tag's messages in order; NCCL ignores tags
+
+
+def _label(endpoint: Endpoint) -> str:
+    return f"attention-link/{endpoint['host']}:{endpoint['port']}"
 
 
 class _Buffers:
@@ -61,7 +67,9 @@ class P2PDecodeSideLink:
         device: torch.device | str,
         host: str = "127.0.0.1",
         connect_timeout_s: float = 30.0,
+        cluster_key: ClusterKey | None = None,
     ) -> None:
+        self.cluster_key = cluster_key
         self.buffers = _Buffers(max_rows, num_heads, num_kv_heads, head_dim, dtype,
                                 torch.device(device))  # fmt: skip
         self.backend = backend
@@ -89,7 +97,10 @@ class P2PDecodeSideLink:
 
     def _join(self) -> None:
         try:
-            self.group = _make_group(self.backend, self.store, DECODE_RANK, self.connect_timeout_s)
+            self.group = join_pair(
+                self.backend, self.store, DECODE_RANK, self.connect_timeout_s,
+                _label(self.endpoint), self.cluster_key, self.buffers.device,
+            )  # fmt: skip
         except Exception as exc:
             self._join_error = exc
 
@@ -146,7 +157,12 @@ class P2PDecodeSideLink:
 class P2PExecutorSideLink:
     """The executor's end; joins the pair group on the decode worker's store."""
 
-    def __init__(self, endpoint: Endpoint, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        device: torch.device | str | None = None,
+        cluster_key: ClusterKey | None = None,
+    ) -> None:
         self.backend = str(endpoint["kind"])
         if device is None:
             device = "cuda" if self.backend == "nccl" else "cpu"
@@ -160,7 +176,8 @@ class P2PExecutorSideLink:
             str(endpoint["host"]), int(endpoint["port"]), is_master=False,
             wait_for_workers=False, timeout=timedelta(seconds=timeout_s),
         )  # fmt: skip
-        self.group = _make_group(self.backend, store, EXECUTOR_RANK, timeout_s)
+        self.group = join_pair(self.backend, store, EXECUTOR_RANK, timeout_s, _label(endpoint),
+                               cluster_key, self.buffers.device)  # fmt: skip
         self.store = store
         self.rows = 0
         self.step_id = 0

@@ -14,11 +14,13 @@ import os
 import secrets
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 import torch
 
+from transport.heartbeat import process_exited
 from transport.kv_transfer import (
     Endpoint,
     KVTransferError,
@@ -37,16 +39,6 @@ SEGMENT_PREFIX = "adrenaline-kv-"
 SHM_DIR = "/dev/shm"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
     """Unlinks segments (KV pools, or with another prefix per-layer attention channels) left
     by processes that died without closing (e.g. SIGKILL).
@@ -55,24 +47,36 @@ def remove_stale_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
     multiprocessing resource tracker also unlinks a killed creator's segments; this covers the
     tracker itself being killed.) A reused pid keeps a stale segment until that process exits.
     """
-    removed = []
+    removed = _remove_segments((prefix,), process_exited)
+    if removed:
+        logger.warning(
+            "removed %d stale shared-memory segments: %s", len(removed), ", ".join(removed)
+        )
+    return removed
+
+
+def remove_segments_of(pids: set[int], prefixes: tuple[str, ...]) -> list[str]:
+    """Unlinks the segments these processes, all stopped by now, left behind: exactly theirs,
+    never another deployment's. A pid alive again belongs to another process and is skipped."""
+    return _remove_segments(prefixes, lambda pid: pid in pids and process_exited(pid))
+
+
+def _remove_segments(prefixes: tuple[str, ...], stale: Callable[[int], bool]) -> list[str]:
+    removed: list[str] = []
     if not os.path.isdir(SHM_DIR):
         return removed
     for name in os.listdir(SHM_DIR):
-        if not name.startswith(prefix):
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None:
             continue
-        pid_text = name[len(prefix) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+        pid_text = name[len(prefix) :].split("-", 1)[0]  # names are PREFIX{pid}-{random}
+        if not pid_text.isdigit() or not stale(int(pid_text)):
             continue
         try:
             os.unlink(os.path.join(SHM_DIR, name))
             removed.append(name)
         except OSError:
             pass
-    if removed:
-        logger.warning(
-            "removed %d stale shared-memory segments: %s", len(removed), ", ".join(removed)
-        )
     return removed
 
 

@@ -84,8 +84,8 @@ def run(fail_after: int | None):
     remote.share_pool(prefill.runner.kv_pool, extra_blocks=32)
     for rid, out in firsts.items():
         # Odd requests are offloaded: the executor adopts their prompt KV where prefill wrote it.
-        handoff = Handoff(out.prompt_token_ids, out.token_ids[0], None,
-                          SamplingParams(**vars(PARAMS)), None, len(out.new_text))  # fmt: skip
+        handoff = Handoff(out.prompt_token_ids, out.token_ids, None,
+                          SamplingParams(**vars(PARAMS)), len(out.new_text))  # fmt: skip
         src = prefill.held_block_table(rid)
         if int(rid[1:]) % 2:
             remote.executor.adopt(rid, src, len(out.prompt_token_ids))

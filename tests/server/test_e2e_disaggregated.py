@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 
 import httpx
 import openai
@@ -210,46 +209,39 @@ def test_over_the_admission_bound_gets_429_with_retry_after(two_by_two):
     two_by_two.wait_idle()
 
 
-def test_sigkill_of_a_decode_worker_ends_its_requests_and_service_goes_on(two_by_two):
-    """Runs last on this deployment: it leaves one decode worker dead."""
+def test_sigkill_of_a_decode_worker_moves_its_requests_and_service_goes_on(two_by_two):
+    """Runs last on this deployment: it leaves one decode worker dead. Its requests (sampled,
+    not greedy: their random streams must survive the move) continue on the other one."""
     victim_pid = two_by_two.stats()["workers"]["decode-0"]["pid"]
-    last_chunk: dict[int, float] = {}
 
     async def long_request(client: httpx.AsyncClient, i: int) -> str:
-        body = {"prompt": f"long {i}", "max_tokens": 1500, "stream": True, "ignore_eos": True}
+        body = {"prompt": f"long {i}", "max_tokens": 300, "stream": True, "ignore_eos": True}
         async with client.stream("POST", f"{two_by_two.url}/generate", json=body) as resp:
             if resp.status_code != 200:
                 return f"status {resp.status_code}"
+            tokens = 0
             async for line in resp.aiter_lines():
-                last_chunk[i] = time.monotonic()
                 chunk = json.loads(line)
                 if "error" in chunk:
                     return "error"
+                tokens += len(chunk["token_ids"])
                 if chunk.get("finish_reason"):
-                    return "finished"
+                    return "finished" if tokens == 300 else f"{tokens} tokens"
         return "cut"
 
     async def run() -> list[str]:
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=120) as client:
             tasks = [asyncio.create_task(long_request(client, i)) for i in range(6)]
             await asyncio.sleep(1.5)
             os.kill(victim_pid, signal.SIGKILL)
-            await asyncio.wait(tasks, timeout=10)
-            now = time.monotonic()
-            # A request still open after 10 s must be one that is still streaming.
-            results = [
-                t.result() if t.done() else
-                ("streaming" if now - last_chunk.get(i, 0) < 1.0 else "hung")
-                for i, t in enumerate(tasks)
-            ]  # fmt: skip
-            for t in tasks:
+            done, pending = await asyncio.wait(tasks, timeout=120)
+            for t in pending:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            return results
+            return [t.result() if t in done else "hung" for t in tasks]
 
     results = asyncio.run(run())
-    assert "hung" not in results, results
-    assert "error" in results, results
+    assert results == ["finished"] * 6, results
     health = httpx.get(f"{two_by_two.url}/health", timeout=5)
     assert health.status_code == 503 and "decode: 1 of 2" in health.json()["error"]["message"]
     resp = generate(two_by_two.url, PROMPTS[0], 5)

@@ -64,12 +64,16 @@ def test_worker_series_per_role_from_heartbeats():
                last_batch_size=2),
         worker("decode", "decode-1", alive=False, num_free_blocks=0),
     ]  # fmt: skip
+    workers[1].stuck = True  # decode-0: alive, but one step ran past --stuck-timeout
     text = scrape(WorkerCollector(lambda: workers))
+    assert value(text, "adrenaline:worker_stuck", role="decode", instance="decode-0") == 1.0
     p, d, a = (dict(role=r, instance=f"{r}-0") for r in ("prefill", "decode", "attention"))
     dead = dict(role="decode", instance="decode-1")
 
     assert value(text, "adrenaline:worker_up", **p) == 1.0
     assert value(text, "adrenaline:worker_up", **dead) == 0.0
+    assert value(text, "adrenaline:worker_stuck", **p) == 0.0
+    assert value(text, "adrenaline:worker_draining", **d) == 0.0
     # A dead worker's last heartbeat is stale: nothing but worker_up.
     assert [s.name for s in samples(text) if s.labels == dead] == ["adrenaline:worker_up"]
     assert value(text, "adrenaline:num_requests_running", **d) == 3
@@ -103,14 +107,24 @@ def test_router_state_offload_ratio_and_in_flight():
     reqs = [request("decoding", "attention-0"), request("decoding", None),
             request("decoding", None), request("decoding", "attention-0"),
             request("transferring", "attention-0"), request("prefill", None)]  # fmt: skip
-    router = SimpleNamespace(requests=dict(enumerate(reqs)), counters={"offloaded": 7})
+    router = SimpleNamespace(
+        requests=dict(enumerate(reqs)), counters={"offloaded": 7, "migrated": 2}, dropped_messages=5
+    )
     text = scrape(RouterStateCollector(router))
     assert value(text, "adrenaline:num_requests_in_flight") == 6
     assert value(text, "adrenaline:num_offloaded_requests") == 2
     assert value(text, "adrenaline:offload_ratio") == pytest.approx(0.5)
     assert value(text, "adrenaline:offloaded_requests_total") == 7
+    assert value(text, "adrenaline:requests_migrated_total") == 2
+    assert value(text, "adrenaline:control_messages_dropped_total") == 5
 
-    idle = scrape(RouterStateCollector(SimpleNamespace(requests={}, counters={"offloaded": 0})))
+    idle = scrape(
+        RouterStateCollector(
+            SimpleNamespace(
+                requests={}, counters={"offloaded": 0, "migrated": 0}, dropped_messages=0
+            )
+        )
+    )
     assert value(idle, "adrenaline:offload_ratio") == 0.0
 
 

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -22,6 +19,7 @@ from engine.model_source import resolve_model
 from engine.tokenizer import Tokenizer
 from server.generation import Overloaded, Unavailable
 from server.openai_api import openai_routes
+from tests.server.local_app import served
 from transport.messages import SamplingSpec, TokenOutput
 
 MODEL = "tiny-test"
@@ -105,23 +103,8 @@ def client(app: FastAPI, fake: FakeBackend) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def server_url(app: FastAPI) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture
