@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: serve test lint bootstrap clean
+.PHONY: serve test lint bootstrap clean gpu-wheelhouse
 
 bootstrap: $(STAMP)
 
@@ -25,6 +25,18 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Wheels for a GPU machine without PyPI (CPython 3.12, x86_64) holding what scripts/gpu_check.sh
+# installs offline beside its torch and triton. numpy is left out: the machine's torch brings
+# its own. About 10 MB; carry the folder along with the checkout.
+GPU_WHEELHOUSE ?= .gpu-wheelhouse
+GPU_PACKAGES := pyzmq msgspec fastapi uvicorn gguf pydantic openai "setuptools>=68"
+gpu-wheelhouse:
+	python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d $(GPU_WHEELHOUSE) $(GPU_PACKAGES)
+	rm -f $(GPU_WHEELHOUSE)/numpy-*.whl
+	@ls $(GPU_WHEELHOUSE) | wc -l | xargs echo "wheels in $(GPU_WHEELHOUSE):"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,19 +1,19 @@
 """Picks the attention backend class for a device, dtype and block size.
 
 "auto" prefers flash-attn, then our Triton kernel, then plain PyTorch; an explicit name that
-cannot run here is an error rather than a silent fallback.
+cannot run here is an error rather than a silent fallback. "triton" also runs on CPU under
+TRITON_INTERPRET=1 (slow: for testing the kernel), never chosen by "auto" there.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attention import flash_attn_backend
+from attention import flash_attn_backend, triton_decode
 from attention.backend import AttentionBackend
 from attention.flash_attn_backend import FlashAttention
 from attention.torch_backend import TorchAttention
 from attention.triton_backend import TritonAttention
-from attention.triton_decode import TRITON_AVAILABLE
 
 BACKEND_NAMES = ("auto", "torch", "triton", "flash_attn")
 
@@ -33,8 +33,10 @@ def select_backend(
     if name == "triton":
         if not _triton_usable(device):
             raise AttentionBackendError(
-                f"triton backend needs a CUDA device and the triton package "
-                f"(device {device}, triton installed: {TRITON_AVAILABLE})"
+                "triton backend needs the triton package and a CUDA device, or on CPU "
+                "TRITON_INTERPRET=1 set before the process starts (device "
+                f"{device}, triton installed: {triton_decode.TRITON_AVAILABLE}, interpreter on: "
+                f"{triton_decode.INTERPRETED})"
             )
         return TritonAttention
     if name == "flash_attn":
@@ -62,4 +64,8 @@ def _auto(device: torch.device, dtype: torch.dtype, block_size: int) -> type[Att
 
 
 def _triton_usable(device: torch.device) -> bool:
-    return TRITON_AVAILABLE and device.type == "cuda" and torch.cuda.is_available()
+    if not triton_decode.TRITON_AVAILABLE:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and triton_decode.INTERPRETED

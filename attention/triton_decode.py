@@ -3,12 +3,17 @@
 Stage 1 splits each sequence into slices and runs one program per (sequence, kv head, slice); the
 program serves all query heads of that kv head's GQA group at once and writes a float32 partial
 (normalised output, log-sum-exp). Stage 2 merges the slices of each (sequence, head).
+
+Under TRITON_INTERPRET=1 the same kernels run on the host over CPU tensors (slowly): that is how
+they are tested without a GPU, and what `--attention-backend triton` runs on CPU. Triton reads it
+when it is imported and when it wraps a kernel, so it must be set before triton is first imported.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -20,10 +25,16 @@ try:
 except ImportError:
     TRITON_AVAILABLE = False
 
+# Whether the kernels below are wrapped for the interpreter: fixed for the process at import.
+_interpret_env = os.environ.get("TRITON_INTERPRET", "").lower()
+INTERPRETED = TRITON_AVAILABLE and _interpret_env in ("1", "true", "on")
+
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 # tl.dot needs every operand dimension to be at least 16.
 _MIN_DOT_DIM = 16
+# The interpreter has no SMs; plan splits as for an H100/H200 so it runs the grid they would.
+_HOST_SM_COUNT = 132
 
 
 if TRITON_AVAILABLE:
@@ -59,6 +70,8 @@ if TRITON_AVAILABLE:
         BLOCK_G: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        # The interpreter multiplies bfloat16 bit patterns as ints (triton-lang/triton#11584).
+        DOT_IN_FP32: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -79,6 +92,8 @@ if TRITON_AVAILABLE:
                 mask=g_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
+            if DOT_IN_FP32:
+                q = q.to(tl.float32)
             m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -98,6 +113,8 @@ if TRITON_AVAILABLE:
                     mask=kv_mask,
                     other=0.0,
                 )
+                if DOT_IN_FP32:
+                    k = k.to(tl.float32)
                 qk = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_G, BLOCK_N]
                 qk = tl.where(tok_mask[None, :], qk, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -109,7 +126,11 @@ if TRITON_AVAILABLE:
                     mask=kv_mask,
                     other=0.0,
                 )
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                p = p.to(v.dtype)  # rounded as the GPU's MMA takes it, also when widened below
+                if DOT_IN_FP32:
+                    p = p.to(tl.float32)
+                    v = v.to(tl.float32)
+                acc = acc * alpha[:, None] + tl.dot(p, v)
                 m_i = m_new
             tl.store(
                 Mid_o
@@ -178,8 +199,14 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(x)))
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _HOST_SM_COUNT
+    return _cuda_sm_count(device.index or 0)
+
+
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -220,11 +247,12 @@ def paged_decode_attention(
         raise ValueError(f"head_dim {head_dim} unsupported or different from the cache's")
     if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"q {q.dtype} and the kv cache {k_cache.dtype} must share a dtype")
+    # Before `out` is shaped like q: empty_like keeps a non-unit last stride.
+    q = q if q.stride(-1) == 1 else q.contiguous()
     if out is None:
         out = torch.empty_like(q)
     if batch == 0:
         return out
-    q = q if q.stride(-1) == 1 else q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("the kv cache and out need a contiguous last dimension")
     seq_lens = seq_lens.to(torch.int32).contiguous()
@@ -235,7 +263,7 @@ def paged_decode_attention(
     # Key tiles of at most 16 KiB keep two pipelined k, v stages well inside shared memory.
     block_n = max(_MIN_DOT_DIM, min(64, 16384 // (block_d * q.element_size())))
     num_splits, split_len = split_plan(
-        batch, num_kv_heads, max_seq_len, block_n, _sm_count(q.device.index or 0)
+        batch, num_kv_heads, max_seq_len, block_n, _sm_count(q.device)
     )
     mid_o = torch.empty(
         (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
@@ -257,6 +285,7 @@ def paged_decode_attention(
         BLOCK_G=max(_next_pow2(group), _MIN_DOT_DIM),
         BLOCK_D=block_d,
         BLOCK_N=block_n,
+        DOT_IN_FP32=INTERPRETED and q.dtype == torch.bfloat16,
         num_warps=4,
         num_stages=2,
     )  # fmt: skip

@@ -1,4 +1,7 @@
-"""Shared fixtures: one model cache for the whole test session, and the built-in SmolLM2 in it."""
+"""Shared fixtures: one model cache for the whole test session, and the built-in SmolLM2 in it.
+Where there is no CUDA device, the Triton interpreter is on for the session, so our Triton
+kernels run on CPU tensors (tests/attention/test_triton_interpret.py); triton reads
+TRITON_INTERPRET once, when first imported, so it is set here, before any test module loads."""
 
 from __future__ import annotations
 
@@ -7,6 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEFAULT_TEST_CACHE = "/tmp/adrenaline-test-cache"
 # Set at import, before any test resolves a model, so `tiny`/`smollm2` land in one shared cache.

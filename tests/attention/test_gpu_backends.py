@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention import flash_attn_backend
+from attention import flash_attn_backend, triton_decode
 from attention.backend import AttentionBackend, AttentionMetadata
 from attention.flash_attn_backend import FLASH_ATTN_AVAILABLE, FlashAttention
 from attention.selector import AttentionBackendError, select_backend
@@ -220,7 +220,9 @@ def test_select_backend_auto_on_cpu_is_torch():
 
 
 @pytest.mark.parametrize("name", ["triton", "flash_attn", "cuda_magic"])
-def test_select_backend_explicit_unavailable_raises(name):
+def test_select_backend_explicit_unavailable_raises(name, monkeypatch):
+    # The test session may run Triton's interpreter, which makes "triton" usable on CPU.
+    monkeypatch.setattr(triton_decode, "INTERPRETED", False)
     with pytest.raises(AttentionBackendError, match=name.split("_")[0]):
         select_backend(name, torch.device("cpu"), torch.bfloat16, 16)
 
