@@ -16,6 +16,7 @@ import os
 import sys
 from typing import NoReturn
 
+from attention.selector import AttentionBackendError
 from engine.config import BatchConfig, CacheConfig, ConfigError, EngineConfig
 from server.bench import add_bench_parser, run_bench
 from server.launcher import run_serve
@@ -229,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_worker(args.command, args, config)
     except (ConfigError, FlagError) as exc:
         sub_parser.error(str(exc))
+    except AttentionBackendError as exc:
+        sub_parser.error(f"--attention-backend: {exc}")
     return 0
 
 

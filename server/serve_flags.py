@@ -68,7 +68,20 @@ def check_serve_flags(args: argparse.Namespace) -> Path:
     if args.offload_blocks is not None and args.offload_blocks < 0:
         raise FlagError(f"--offload-blocks: must be 0 or more, got {args.offload_blocks}")
     check_kv_transfer(args.kv_transfer, args.device)
+    check_attention_backend(args.attention_backend, args.device, args.block_size)
     return check_model(args.model)
+
+
+def check_attention_backend(name: str, device: str, block_size: int) -> None:
+    import torch
+
+    from attention.selector import AttentionBackendError, select_backend
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        select_backend(name, torch.device(device), dtype, block_size)
+    except AttentionBackendError as exc:
+        raise FlagError(f"--attention-backend: {exc}") from exc
 
 
 def check_offload_policy(policy: str, profile: str | None, slo_tpot_ms: float | None) -> None:
