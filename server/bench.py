@@ -312,6 +312,8 @@ def save_result(
 def run_bench(args: argparse.Namespace) -> int:
     """Runs the benchmark the flags describe; 0 if any request completed, 1 if none, 2 on bad flags."""
     base_url = args.url.rstrip("/")
+    # One INFO line per request from httpx would bury the report.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if getattr(args, "compare", None):
         from server.bench_compare import run_compare
 
