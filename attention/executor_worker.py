@@ -19,9 +19,12 @@ import msgspec
 import torch
 import zmq
 
+from attention import colocation, gpu_signal
+from attention.backend import AttentionBackend
 from attention.executor import AttentionExecutor, StepError
 from attention.executor_links import ExecutorLinks, LinkRejected, LinkShape
 from attention.executor_links import open_executor_link as open_executor_link
+from attention.step_timer import SpanTimer
 from engine.kv_cache import OutOfBlocksError
 from transport.attention_channel import ChannelTimeout
 from transport.heartbeat import HeartbeatThread, SharedSocket, StepProgress, host_identity
@@ -100,6 +103,7 @@ class ExecutorWorker:
         self.address = f"tcp://{bind_host}:{port}"
         self.links = ExecutorLinks(cluster_key)
         self.dropped = DroppedMessages(log)
+        self.attention_timer = SpanTimer(self.device)
         self.stopping = False
         self._stats = self._collect_stats()
         self._stats_at = 0.0
@@ -136,8 +140,10 @@ class ExecutorWorker:
         self.ctx.term()
 
     def _collect_stats(self) -> WorkerStats:
+        # sm_share: the SM share in force (attention.colocation), for /stats and metrics.
         s = {**(self.executor.stats() if self.executor else EMPTY_STATS),
-             "dropped_messages": self.dropped.total}  # fmt: skip
+             "dropped_messages": self.dropped.total,
+             "sm_share": colocation.applied_share()}  # fmt: skip
         return WorkerStats(**{k: s[k] for k in WorkerStats.__struct_fields__ if k in s})
 
     def _refresh_stats(self, now: bool = False) -> None:
@@ -275,20 +281,16 @@ class ExecutorWorker:
     def _run_step(self, link, msg: AttentionStep) -> None:
         if self.executor is None:
             raise LinkRejected(f"step from {msg.decode_instance} before a pool is attached")
-        layers = self.executor.num_layers
-        first_seq = msg.step_id * layers + 1
-        # GPU and P2P links take the step's rows ahead; a GPU link enqueues every layer without
-        # a host wait and syncs once, in check(), at the step's end.
-        begin_step = getattr(link, "begin_step", None)
-        if begin_step is not None:
-            begin_step(msg.step_id, len(msg.request_ids), first_seq)
+        first_seq = msg.step_id * self.executor.num_layers + 1
+        # The step's rows come from its plan: a GPU link's host cannot read them without a sync.
+        link.begin_step(msg.step_id, len(msg.request_ids), first_seq)
         self.progress.begin()
         try:
-            self._attend_step(link, msg, first_seq, begin_step is not None)
+            self._attend_step(link, msg, first_seq)
         finally:
             self.progress.end()
 
-    def _attend_step(self, link, msg: AttentionStep, first_seq: int, synced: bool) -> None:
+    def _attend_step(self, link, msg: AttentionStep, first_seq: int) -> None:
         layers = self.executor.num_layers
         try:
             step = self.executor.prepare(msg.request_ids, msg.positions)
@@ -297,16 +299,58 @@ class ExecutorWorker:
             link.refuse(msg.step_id, first_seq + layers - 1)
             return
         try:
+            # Every layer is enqueued without a host wait (GPU links); a layer whose rows never
+            # came is answered refused, and check() raises for the step at its end.
             for layer in range(layers):
                 q, k, v = link.receive(first_seq + layer, LAYER_TIMEOUT_S)
-                started = time.perf_counter()
+                self.attention_timer.start()
                 out = self.executor.attend(layer, step, q, k, v)
-                self.executor.record_attention(time.perf_counter() - started)
+                self.attention_timer.stop()
                 link.respond(first_seq + layer, out)
-            if synced:
-                link.check()
-        except ChannelTimeout:
-            # The decode worker died or gave up on this step: its KV for it is incomplete.
-            log.warning("decode worker %s stopped mid-step %d", msg.decode_instance, msg.step_id)
+            link.check()
+        except ChannelTimeout as exc:
+            # The decode worker died, stalled or gave up on this step: its KV is incomplete.
+            log.warning("step %d of %s not committed: %s", msg.step_id, msg.decode_instance, exc)
+            self.attention_timer.discard()
             return
         self.executor.commit(msg.request_ids, msg.positions)
+        for ms in self.attention_timer.spans_ms():  # GPU time, read after the step's sync
+            self.executor.record_attention(ms / 1000)
+
+
+def warm_up(
+    backend: AttentionBackend,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_size: int,
+    max_rows: int,
+    max_model_len: int,
+) -> None:
+    """Compiles and runs the executor's kernels for this model's shapes, before it registers: a
+    first Triton launch JIT-compiles for seconds, past the decode side's per-layer timeout, so
+    the first offloaded requests would fail over to recompute. Triton compiles one variant per
+    class of its integer arguments (1, a multiple of 16, other), which here follow the batch
+    and the context length (block-table width, number of splits): the grid covers each class."""
+    if device.type != "cuda":
+        return  # nothing is compiled ahead on the CPU
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    gpu_signal.warm_up(index)
+    heads, kv_heads, head_dim = backend.num_heads, backend.num_kv_heads, backend.head_dim
+    lengths = {1, block_size, 3 * block_size, 16 * block_size, 33 * block_size, max_model_len}
+    batches = {1, 2, max(1, max_rows // 2), max_rows}
+    # One block serves every row: the kernels read the same block over and over, in little memory.
+    k_cache = torch.zeros(1, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    for batch in sorted(batches):
+        q = torch.zeros(batch, heads, head_dim, dtype=dtype, device=device)
+        kv = torch.zeros(batch, kv_heads, head_dim, dtype=dtype, device=device)
+        backend.write_kv(kv, kv, k_cache, v_cache, torch.zeros(batch, dtype=torch.int64,
+                                                                device=device))  # fmt: skip
+        for length in sorted(n for n in lengths if n <= max_model_len):
+            width = -(-length // block_size)
+            tables = torch.zeros(batch, width, dtype=torch.int32, device=device)
+            lens = torch.full((batch,), length, dtype=torch.int32, device=device)
+            backend.decode(q, k_cache, v_cache, lens, tables, length)
+    torch.cuda.synchronize(device)
+    log.info("executor kernels warmed up for batches %s, contexts up to %d", sorted(batches),
+             max_model_len)  # fmt: skip

@@ -1,22 +1,32 @@
 """GPU-side signals between two processes: write a counter, wait on a counter, both enqueued on
 the current CUDA stream, so a per-layer handshake costs no host round trip (paper, technique 1).
 
-Two implementations, chosen once at run time: CUDA stream memory operations
-(cuStreamWriteValue64 / cuStreamWaitValue64 through cuda-python) when `cuda.bindings` imports,
-else two tiny Triton kernels. Stream memory ops occupy no SM while waiting (the GPU's front end
-polls), which matters when two processes without MPS time-slice one device; but their wait has
-no timeout, so the host must release a wait whose peer died (see `release`). The Triton wait is
-bounded by the global timer and sets an error flag instead of hanging.
+The counters live in host memory, page-locked and mapped for the GPU (`MappedCounters`). So a
+waiting GPU polls over its own link to the host, never a peer GPU's memory across a PCIe peer
+link that may lack system-scope atomics; every write is a plain release store (no atomic
+read-modify-write crosses the bus); and a host releases a wait whose peer died with a plain
+store, which no GPU work has to precede (a write enqueued on a side stream of the same context
+is not ordered by CUDA against a blocked cuStreamWaitValue64, and may deadlock).
 
-Counters are int64 and only grow; a wait passes once the counter is >= the value. Nothing here
-reads GPU memory from the host, so callers stay free of host syncs and capturable in CUDA graphs.
-Importable without a GPU, triton or cuda-python; calls then raise GpuSignalUnavailable.
+Two implementations, chosen once per device: CUDA stream memory operations (cuStreamWriteValue64
+/ cuStreamWaitValue64 through cuda-python) where the device reports
+CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, else three tiny Triton kernels. Stream memory
+ops occupy no SM while waiting, but their wait has neither a timeout nor a failure flag: the host
+releases it (transport.attention_protocol's drain). The Triton wait is bounded by a timer and
+marks the failure itself; its timer and memory operations are constexpr arguments, so under
+TRITON_INTERPRET=1 the same kernels run on the host, on CPU tensors, with a host clock.
+
+Counters are int64 and only grow. Nothing here reads GPU memory from the host, so callers stay
+free of host syncs and capturable in CUDA graphs. Importable without a GPU, triton or
+cuda-python; calls then raise GpuSignalUnavailable.
 """
 
 from __future__ import annotations
 
 import functools
+import mmap
 import os
+import time
 
 import torch
 
@@ -30,6 +40,11 @@ except ImportError:
 
 # Override the run-time choice: "stream_memops" or "triton".
 BACKEND_ENV = "ADRENALINE_GPU_SIGNAL"
+# Whether the Triton kernels run in the interpreter: fixed for the process when triton loads.
+INTERPRETED = TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET", "").lower() in (
+    "1", "true", "on",
+)  # fmt: skip
+_HOST_REGISTER_FLAGS = 0x01 | 0x02  # cudaHostRegisterPortable | cudaHostRegisterMapped
 
 
 class GpuSignalUnavailable(RuntimeError):
@@ -50,23 +65,30 @@ def _driver():
 
 
 @functools.cache
-def backend() -> str:
-    """ "stream_memops" (preferred), "triton", or "none"."""
+def _memops_supported(device_index: int) -> bool:
+    """Whether this device runs 64-bit stream memory operations (a driver or platform may not)."""
+    drv = _driver()
+    if drv is None or not torch.cuda.is_available():
+        return False
+    attribute = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS
+    err, device = drv.cuDeviceGet(device_index)
+    if int(err) != 0:
+        return False
+    err, value = drv.cuDeviceGetAttribute(attribute, device)
+    return int(err) == 0 and bool(value)
+
+
+@functools.cache
+def backend(device_index: int | None = None) -> str:
+    """ "stream_memops" (where the device supports them), "triton", or "none"."""
     forced = os.environ.get(BACKEND_ENV, "")
     if forced in ("stream_memops", "triton"):
         return forced
-    if _driver() is not None:
-        return "stream_memops"
+    if not INTERPRETED and torch.cuda.is_available():
+        index = torch.cuda.current_device() if device_index is None else device_index
+        if _memops_supported(index):
+            return "stream_memops"
     return "triton" if TRITON_AVAILABLE else "none"
-
-
-def _address(counters: torch.Tensor, index: int) -> int:
-    if counters.dtype != torch.int64 or not counters.is_cuda:
-        raise ValueError(f"signal counters must be a CUDA int64 tensor, not {counters.dtype} "
-                         f"on {counters.device}")  # fmt: skip
-    if not 0 <= index < counters.numel():
-        raise IndexError(f"counter index {index} out of range for {counters.numel()} counters")
-    return counters.data_ptr() + index * counters.element_size()
 
 
 def _check(result) -> None:
@@ -75,65 +97,158 @@ def _check(result) -> None:
         raise RuntimeError(f"CUDA stream memory operation failed: {err}")
 
 
-def _stream_handle() -> int:
-    # The caller's current stream on its current device: with peer (P2P) counters, the
-    # counters' device is not the one whose work the signal orders.
-    return torch.cuda.current_stream().cuda_stream
+class _DevicePointer:
+    """What a Triton launch needs of a pointer argument: the address and the element type."""
+
+    dtype = torch.int64
+
+    def __init__(self, address: int) -> None:
+        self.address = address
+
+    def data_ptr(self) -> int:
+        return self.address
 
 
-def write_value(counters: torch.Tensor, index: int, value: int) -> None:
+class MappedCounters:
+    """int64 counters in host memory, page-locked and mapped for the GPU (cudaHostRegister with
+    cudaHostRegisterMapped): the host reads and stores them plainly; a kernel or a stream memory
+    op reaches them at `device_ptr`. `host` may view shared memory that a peer maps too."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        if host.dtype != torch.int64 or host.device.type != "cpu" or not host.is_contiguous():
+            raise ValueError(f"signal counters must be contiguous CPU int64, not {host.dtype} "
+                             f"on {host.device}")  # fmt: skip
+        self.host = host
+        self._registered = False
+        if INTERPRETED or not torch.cuda.is_available():
+            self.device_ptr = host.data_ptr()  # the interpreter works on host memory itself
+            return
+        nbytes = host.numel() * host.element_size()
+        err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, _HOST_REGISTER_FLAGS)
+        if int(err) != 0:
+            raise GpuSignalUnavailable(f"cudaHostRegister of the link's counters failed: {err}")
+        self._registered = True
+        self.device_ptr = _device_pointer(host.data_ptr())
+
+    def kernel_arg(self):
+        return self.host if INTERPRETED else _DevicePointer(self.device_ptr)
+
+    def address(self, index: int) -> int:
+        if not 0 <= index < self.host.numel():
+            raise IndexError(f"counter index {index} out of range for {self.host.numel()}")
+        return self.device_ptr + index * self.host.element_size()
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+            self._registered = False
+
+
+def _device_pointer(host_ptr: int) -> int:
+    """The mapped counters' device address. With unified addressing (every 64-bit Linux GPU
+    since Fermi, cudaDevAttrCanUseHostPointerForRegisteredMem) it is the host address."""
+    drv = _driver()
+    if drv is None:
+        return host_ptr
+    err, device_ptr = drv.cuMemHostGetDevicePointer(host_ptr, 0)
+    _check(err)
+    return int(device_ptr)
+
+
+def _stream(drv):
+    # The caller's current stream on its current device: the one whose work the signal orders.
+    return drv.CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def write_value(counters: MappedCounters, index: int, value: int) -> None:
     """Enqueues counters[index] = value on the current stream, after all work before it: the
     store is system-scope and fenced, so a peer that sees the value also sees that work's data."""
-    address = _address(counters, index)
+    address = counters.address(index)
     kind = backend()
     if kind == "stream_memops":
         drv = _driver()
-        # Flag 0 keeps the default memory barrier before the write.
-        _check(drv.cuStreamWriteValue64(
-            drv.CUstream(_stream_handle()), drv.CUdeviceptr(address),
-            drv.cuuint64_t(int(value)), 0,
-        ))  # fmt: skip
+        # Flag 0 (CU_STREAM_WRITE_VALUE_DEFAULT) keeps the memory barrier before the write.
+        _check(drv.cuStreamWriteValue64(_stream(drv), drv.CUdeviceptr(address),
+                                        drv.cuuint64_t(int(value)), 0))  # fmt: skip
     elif kind == "triton":
-        del address
-        _write_value_kernel[(1,)](counters, index, value)
+        _write_value_kernel[(1,)](counters.kernel_arg(), index, value, ON_GPU=not INTERPRETED,
+                                  num_warps=1)  # fmt: skip
     else:
         raise GpuSignalUnavailable("GPU signals need cuda-python or triton (pip install .[gpu])")
 
 
 def wait_value(
-    counters: torch.Tensor,
+    counters: MappedCounters,
     index: int,
     value: int,
     timeout_ns: int,
-    error_flag: torch.Tensor,  # [1] int32 on the waiting device; set to 1 on timeout
+    fail_index: int,
+    fail_value: int,
+    exact: bool = False,
 ) -> None:
     """Enqueues a wait until counters[index] >= value on the current stream; work enqueued after
-    it starts only then. The Triton wait gives up after timeout_ns and sets error_flag[0]; the
-    stream memory op waits without limit (the host releases it, see `release`)."""
-    address = _address(counters, index)
+    it starts only then. The Triton wait passes at once if counters[fail_index] == fail_value
+    (this side's step failed already), and stores fail_value there itself after timeout_ns or,
+    with `exact`, on a larger value. The stream memory op waits without limit or flag: the host
+    releases it (see the module's docstring)."""
+    address = counters.address(index)
+    counters.address(fail_index)
     kind = backend()
     if kind == "stream_memops":
         drv = _driver()
         geq = int(drv.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
-        _check(drv.cuStreamWaitValue64(
-            drv.CUstream(_stream_handle()), drv.CUdeviceptr(address),
-            drv.cuuint64_t(int(value)), geq,
-        ))  # fmt: skip
+        _check(drv.cuStreamWaitValue64(_stream(drv), drv.CUdeviceptr(address),
+                                       drv.cuuint64_t(int(value)), geq))  # fmt: skip
     elif kind == "triton":
-        del address
-        _wait_value_kernel[(1,)](counters, index, value, int(timeout_ns), error_flag)
+        _wait_value_kernel[(1,)](
+            counters.kernel_arg(), index, value, int(timeout_ns), fail_index, fail_value,
+            EXACT=exact, ON_GPU=not INTERPRETED, CLOCK=_host_clock if INTERPRETED else _globaltimer,
+            num_warps=1,
+        )  # fmt: skip
     else:
         raise GpuSignalUnavailable("GPU signals need cuda-python or triton (pip install .[gpu])")
 
 
-def release(counters: torch.Tensor, index: int, value: int, error_flag: torch.Tensor) -> None:
-    """Host-side escape from a wait whose peer is gone: on a side stream, marks the error and
-    writes the awaited value, so the blocked stream runs on (its results are discarded)."""
-    side = torch.cuda.Stream(device=error_flag.device)
-    with torch.cuda.stream(side):
-        error_flag.fill_(1)
+def answer(
+    counters: MappedCounters,
+    index: int,
+    value: int,
+    fail_index: int,
+    fail_value: int,
+    mark_index: int,
+) -> None:
+    """Enqueues counters[index] = value, first storing fail_value at mark_index if
+    counters[fail_index] == fail_value: an answer that carries its side's failure. With stream
+    memory ops only a host release can fail a wait, and the release stores the mark itself."""
+    if backend() != "triton":
         write_value(counters, index, value)
-    side.synchronize()
+        return
+    counters.address(mark_index)
+    _answer_kernel[(1,)](counters.kernel_arg(), index, value, fail_index, fail_value, mark_index,
+                         ON_GPU=not INTERPRETED, num_warps=1)  # fmt: skip
+
+
+@functools.cache
+def warm_up(device_index: int) -> None:
+    """Compiles and runs each Triton signal kernel once (a first launch JIT-compiles for
+    seconds, beyond a per-layer timeout). Stream memory ops need nothing."""
+    if backend(device_index) != "triton" or INTERPRETED:
+        return
+    page = mmap.mmap(-1, mmap.PAGESIZE)  # page-aligned, pageable: registered like a link's
+    scratch = MappedCounters(torch.frombuffer(page, dtype=torch.int64, count=8))
+    try:
+        with torch.cuda.device(device_index):
+            write_value(scratch, 0, 1)
+            for exact in (False, True):
+                wait_value(scratch, 0, 1, 10**9, 1, 1, exact)
+            answer(scratch, 2, 1, 1, 1, 3)
+            torch.cuda.current_stream().synchronize()
+    finally:
+        scratch.close()
+
+
+def _host_ns() -> int:
+    return time.monotonic_ns()
 
 
 if TRITON_AVAILABLE:
@@ -144,23 +259,66 @@ if TRITON_AVAILABLE:
             "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
         )
 
-    @triton.jit(do_not_specialize=["index", "value"])
-    def _write_value_kernel(counters, index, value):
-        # A release store at system scope: the stream's earlier writes (the copies this signal
-        # announces) are visible to any observer of the new value, across processes and GPUs.
-        tl.atomic_xchg(counters + index, value.to(tl.int64), sem="release", scope="sys")
+    @triton.jit
+    def _host_clock():
+        # Passed as CLOCK only under TRITON_INTERPRET=1, which runs this body as host Python.
+        return tl.full((), _host_ns(), tl.int64)
 
-    @triton.jit(do_not_specialize=["index", "value", "timeout_ns"])
-    def _wait_value_kernel(counters, index, value, timeout_ns, error_flag):
+    @triton.jit
+    def _load_acquire(ptr, ON_GPU: tl.constexpr):
+        # System scope: pairs with the peer's release store, across processes and devices.
+        if ON_GPU:
+            seen = tl.inline_asm_elementwise(
+                "ld.acquire.sys.global.b64 $0, [$1];", "=l,l", [ptr], dtype=tl.int64,
+                is_pure=False, pack=1,
+            )  # fmt: skip
+        else:
+            seen = tl.load(ptr, volatile=True)
+        return seen
+
+    @triton.jit
+    def _store_release(ptr, value, ON_GPU: tl.constexpr):
+        # A plain store with release semantics: the stream's earlier writes (the rows this value
+        # announces) are visible to any observer of it. No atomic read-modify-write crosses PCIe.
+        if ON_GPU:
+            tl.inline_asm_elementwise(
+                "st.release.sys.global.b64 [$1], $2; mov.u32 $0, 0;", "=r,l,l", [ptr, value],
+                dtype=tl.int32, is_pure=False, pack=1,
+            )  # fmt: skip
+        else:
+            tl.store(ptr, value)
+
+    @triton.jit(do_not_specialize=["index", "value"])
+    def _write_value_kernel(counters, index, value, ON_GPU: tl.constexpr):
+        _store_release(counters + index, value.to(tl.int64), ON_GPU)
+
+    @triton.jit(do_not_specialize=["index", "value", "timeout_ns", "fail_index", "fail_value"])
+    def _wait_value_kernel(
+        counters, index, value, timeout_ns, fail_index, fail_value,
+        EXACT: tl.constexpr, ON_GPU: tl.constexpr, CLOCK: tl.constexpr,
+    ):  # fmt: skip
         ptr = counters + index
         target = value.to(tl.int64)
-        now = _globaltimer()
+        failed = fail_value.to(tl.int64)
+        # This side's step failed already: its later waits pass at once, not each after a timeout.
+        skip = (_load_acquire(counters + fail_index, ON_GPU) == failed).to(tl.int32)
+        now = CLOCK()
         deadline = now + timeout_ns
-        seen = tl.load(ptr, volatile=True)
-        while (seen < target) & (now < deadline):
-            seen = tl.load(ptr, volatile=True)
-            now = _globaltimer()
-        if seen < target:
-            tl.store(error_flag, 1)
-        # Acquire: pairs with the writer's release, so reads after this wait see its data.
-        tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+        seen = _load_acquire(ptr, ON_GPU)
+        while (seen < target) & (skip == 0) & (now < deadline):
+            seen = _load_acquire(ptr, ON_GPU)
+            now = CLOCK()
+        if EXACT:
+            bad = seen != target  # a later request: the peer gave up on this step
+        else:
+            bad = seen < target
+        if bad & (skip == 0):
+            _store_release(counters + fail_index, failed, ON_GPU)
+
+    @triton.jit(do_not_specialize=["index", "value", "fail_index", "fail_value", "mark_index"])
+    def _answer_kernel(counters, index, value, fail_index, fail_value, mark_index,
+                       ON_GPU: tl.constexpr):  # fmt: skip
+        failed = fail_value.to(tl.int64)
+        if _load_acquire(counters + fail_index, ON_GPU) == failed:
+            _store_release(counters + mark_index, failed, ON_GPU)
+        _store_release(counters + index, value.to(tl.int64), ON_GPU)

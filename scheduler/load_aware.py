@@ -113,9 +113,11 @@ class LoadAwarePolicy(OffloadPolicy):
         if d is not None and self._is_new(d.instance, d.heartbeat_at) and d.last_batch_size:
             predicted = self.model.decode_step_ms(d.last_batch_size, d.last_context_tokens)
             # The window is the local work alone: time spent waiting on executors is not in it.
-            local = d.step_time_ms - self.model.num_layers * d.offload_wait_ms
+            # Both are moving averages over different samples, so the wait is capped at the step:
+            # a local time of zero is then no sample at all, never a negative one.
+            waited = min(self.model.num_layers * d.offload_wait_ms, d.step_time_ms)
             self.corrections[d.instance] = self.correction(d.instance).observe_step(
-                predicted, local
+                predicted, d.step_time_ms - waited
             )
         if self._is_new(ex.instance, ex.heartbeat_at) and ex.last_offloaded:
             predicted = self.model.attention_layer_ms(ex.last_offloaded_tokens, ex.last_offloaded)

@@ -5,13 +5,13 @@ sent ahead of each step over ZeroMQ, and per layer only tensors and counters (sh
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import torch
 import zmq
 
 from attention.remote import RemoteAttentionError
+from attention.step_timer import SpanTimer
 from engine.step_timing import ewma
 from transport.attention_channel import ChannelTimeout, DecodeSideLink, StepRefused
 from transport.messages import AttachLink, AttentionStep, ReleaseOffloaded, encode
@@ -76,13 +76,8 @@ class OffloadStep:
             start = end
 
     def receive(self, layer: int) -> torch.Tensor:
-        started = time.perf_counter()
-        try:
-            return self._receive(layer)
-        finally:
-            self.client.record_wait(time.perf_counter() - started)
-
-    def _receive(self, layer: int) -> torch.Tensor:
+        # The span covers only waiting on the executors: local attention was enqueued before.
+        self.client.wait_timer.start()
         outs = []
         for executor, conn, rows in self.groups:
             try:
@@ -92,23 +87,26 @@ class OffloadStep:
                     )
                 )
             except (ChannelTimeout, StepRefused) as exc:
+                self.client.wait_timer.discard()
                 raise RemoteAttentionError(executor, str(exc)) from exc
+        self.client.wait_timer.stop()
         if layer == self.num_layers - 1:
             self.finish()
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def finish(self) -> None:
-        """Raises a GPU or NCCL link's deferred failure (timeout, refusal) for this step: their
-        collect() only enqueues work. Runs after the last layer's collect, a host sync; a runner
-        that syncs at the step's end anyway may call it there instead."""
+        """Raises a link's deferred failure (timeout, refusal) for this step: collect() only
+        enqueues work, and its output is valid only once this passed. Runs after the last
+        layer's collect, a host sync; a runner that syncs at the step's end anyway may call it
+        there instead. The step's wait times are read only then (GPU time, not launch time)."""
         for executor, conn, _ in self.groups:
-            check = getattr(conn.link, "check", None)
-            if check is None:
-                continue
             try:
-                check(self.on_idle)
+                conn.link.check(self.on_idle)
             except (ChannelTimeout, StepRefused) as exc:
+                self.client.wait_timer.discard()
                 raise RemoteAttentionError(executor, str(exc)) from exc
+        for ms in self.client.wait_timer.spans_ms():
+            self.client.record_wait(ms / 1000)
 
 
 class OffloadClient:
@@ -131,13 +129,15 @@ class OffloadClient:
         # Moving average of how long a layer waits for its executors after local attention:
         # near zero when the executors' work hides behind the local work, as intended.
         self.roundtrip_ms = 0.0
+        self.wait_timer = SpanTimer(self.device)
 
     def record_wait(self, seconds: float) -> None:
         self.roundtrip_ms = ewma(self.roundtrip_ms, seconds * 1000)
 
     def connect(self, executor: str, address: str) -> None:
         conn = self.executors.get(executor)
-        if conn is not None and conn.address == address:
+        # A link whose transfer failed (a P2P group is then spent) is replaced on the next use.
+        if conn is not None and conn.address == address and not getattr(conn.link, "spent", False):
             return
         if conn is not None:
             conn.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import torch
 
@@ -292,12 +293,18 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_attention(args: argparse.Namespace, config: EngineConfig) -> int:
-    from attention.colocation import SmShareError, limit_sm_share
+    from attention.colocation import SmShareError, limit_sm_share, mps_environment
     from attention.executor import AttentionExecutor
-    from attention.executor_worker import ExecutorWorker
+    from attention.executor_worker import ExecutorWorker, warm_up
     from attention.selector import select_backend
 
-    try:  # before anything initialises CUDA: MPS reads its limit at context creation
+    try:
+        missing = mps_environment(args.sm_share)
+        if missing:
+            # MPS reads the share when CUDA first initialises, which checking --device may have
+            # done already: start this process again with it in its environment.
+            log.info("restarting with %s for MPS", missing)
+            os.execve(sys.executable, sys.orig_argv, {**os.environ, **missing})
         limit_sm_share(args.sm_share, torch.device(config.device))
     except SmShareError as exc:
         raise SystemExit(f"adrenaline attention: error: --sm-share: {exc}") from exc
@@ -308,6 +315,9 @@ def run_attention(args: argparse.Namespace, config: EngineConfig) -> int:
     device, dtype = torch.device(config.device), parse_dtype(config.dtype)
     backend_cls = select_backend(config.attention_backend, device, dtype, config.cache.block_size)
     backend = backend_cls(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+    # Before registering: a first step that JIT-compiles would outlast the per-layer timeout.
+    warm_up(backend, device, dtype, config.cache.block_size, config.batch.max_num_seqs,
+            config.batch.max_model_len)  # fmt: skip
 
     def make_executor(pool: torch.Tensor, first_block: int, num_blocks: int) -> AttentionExecutor:
         return AttentionExecutor(pool, backend, first_block, num_blocks)

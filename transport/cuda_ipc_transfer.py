@@ -3,11 +3,17 @@
 The decode worker exports its pool's allocation as an IPC handle; the endpoint carries the handle's
 fields as hex strings (never pickle). A prefill worker opens it once and copies blocks on a side
 stream, device to device. Completion is signalled on the control plane (KVSent -> mark_sent).
+
+The GPU is named by its UUID: a device index is local to a process (with per-process
+CUDA_VISIBLE_DEVICES both sides may call different GPUs "0"). A peer's GPU this process cannot
+see, or cannot reach by peer access, fails with PeerAccessError: use nccl (or gloo) links there.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 
 import torch
@@ -25,6 +31,26 @@ from transport.kv_transfer import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class PeerAccessError(KVTransferError):
+    """A peer's GPU buffer that this process cannot map (not visible here, or no peer access)."""
+
+
+@functools.cache
+def device_uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def local_device(uuid: str) -> int:
+    """This process's index of the GPU with that UUID; PeerAccessError if it is not visible."""
+    for index in range(torch.cuda.device_count()):
+        if device_uuid(index) == uuid:
+            return index
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    raise PeerAccessError(f"GPU {uuid} holding the peer's buffer is not visible to this process "
+                          f"(CUDA_VISIBLE_DEVICES={visible}); make it visible to both sides, or "
+                          "use nccl (or gloo) links")  # fmt: skip
 
 
 def _hex(value: bytes | None) -> str:
@@ -49,6 +75,7 @@ def export_pool(pool: torch.Tensor) -> Endpoint:
     ) = pool.untyped_storage()._share_cuda_()
     return {
         "device": int(device),
+        "device_uuid": device_uuid(int(device)),
         "handle": _hex(handle),
         "storage_size_bytes": int(size_bytes),
         "storage_offset_bytes": int(offset_bytes),
@@ -61,10 +88,17 @@ def export_pool(pool: torch.Tensor) -> Endpoint:
 
 
 def import_pool(endpoint: Endpoint, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Opens a peer's exported pool (see export_pool) as a tensor on this process's device."""
+    """Opens a peer's exported pool (see export_pool) as a tensor on the GPU holding it, which
+    must be this process's current device or one it reaches by peer access."""
     torch.cuda._lazy_init()
+    index = local_device(str(endpoint.get("device_uuid", "")))
+    current = torch.cuda.current_device()
+    if index != current and not torch.cuda.can_device_access_peer(current, index):
+        raise PeerAccessError(f"cuda:{current} has no peer access to cuda:{index} "
+                              f"({device_uuid(index)}), which holds the peer's buffer; use nccl "
+                              "(or gloo) links")  # fmt: skip
     storage = torch.UntypedStorage._new_shared_cuda(
-        int(endpoint["device"]),
+        index,
         _unhex(endpoint["handle"]),
         int(endpoint["storage_size_bytes"]),
         int(endpoint["storage_offset_bytes"]),
@@ -73,8 +107,7 @@ def import_pool(endpoint: Endpoint, shape: tuple[int, ...], dtype: torch.dtype) 
         _unhex(endpoint["event_handle"]),
         bool(endpoint["event_sync_required"]),
     )
-    device = torch.device("cuda", int(endpoint["device"]))
-    pool = torch.empty(0, dtype=dtype, device=device)
+    pool = torch.empty(0, dtype=dtype, device=torch.device("cuda", index))
     return pool.set_(storage, int(endpoint["tensor_offset"]), shape)
 
 

@@ -8,10 +8,14 @@ never idle inside one. Either side drops a failed group; the sender rebuilds it 
 generation number, which the decode side follows. With a cluster key every message in the log
 carries an HMAC (over its sender, receiver, sequence number and text) and the pair group forms
 only with a peer that proves the key (transport.p2p_group); other messages are refused.
+
+On a GPU, both sides copy on a stream of their own: the model's stream never waits for a
+transfer, and a transfer's sync waits only for the transfer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -43,6 +47,14 @@ IDLE_WAIT = timedelta(hours=1)
 
 def _tag(transfer_id: int) -> int:
     return transfer_id % 2**31
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream | None:
+    return torch.cuda.Stream(device=device) if device.type == "cuda" else None
+
+
+def _on(stream: torch.cuda.Stream | None):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _pair_prefix(src: str, dst: str, generation: int) -> str:
@@ -82,6 +94,7 @@ class P2PPoolHost:
         self.instance = instance
         self.cluster_key = cluster_key
         self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self._stream = _copy_stream(self.pool.device)
         self.connect_timeout_s = connect_timeout_s
         self.data_timeout_s = data_timeout_s
         self._store = dist.TCPStore(
@@ -214,11 +227,12 @@ class P2PPoolHost:
     ) -> bool:
         shape = list(self.pool.shape)
         shape[2] = num_blocks
-        buf = torch.empty(shape, dtype=self.pool.dtype, device=self.pool.device)
         try:
-            group.recv([buf], SENDER_RANK, _tag(transfer_id)).wait(
-                timedelta(seconds=self.data_timeout_s)
-            )
+            with _on(self._stream):  # the receive, then the scatter, ordered on our stream
+                buf = torch.empty(shape, dtype=self.pool.dtype, device=self.pool.device)
+                group.recv([buf], SENDER_RANK, _tag(transfer_id)).wait(
+                    timedelta(seconds=self.data_timeout_s)
+                )
         except Exception as e:
             logger.warning(
                 "[decode %s] recv of transfer %d failed: %s", self.instance, transfer_id, e
@@ -235,9 +249,10 @@ class P2PPoolHost:
                     src,
                 )
                 return True
-            self.pool.index_copy_(2, block_index(entry[1], self.pool.device), buf)
-            if self.pool.is_cuda:
-                torch.cuda.current_stream(self.pool.device).synchronize()
+            with _on(self._stream):
+                self.pool.index_copy_(2, block_index(entry[1], self.pool.device), buf)
+            if self._stream is not None:
+                self._stream.synchronize()  # the blocks are in the pool; model work is not waited
             self._transfers.complete(transfer_id)
         return True
 
@@ -264,6 +279,7 @@ class P2PSender:
         self._lock = threading.Lock()
         self._links: dict[tuple[str, int], _SendLink] = {}
         self._peer_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._stream = _copy_stream(pool.device)
 
     def _connect(self, endpoint: Endpoint, timeout_s: float) -> _SendLink:
         backend = str(endpoint["kind"])
@@ -317,12 +333,21 @@ class P2PSender:
     def _send_blocks(
         self, link: _SendLink, transfer_id: int, src_block_ids: list[int], deadline: float
     ) -> None:
-        # [num_layers, 2, n, block_size, num_kv_heads, head_dim], contiguous
-        blocks = self.pool.index_select(2, block_index(src_block_ids, self.pool.device))
-        _post(link.store, self.instance, link.dst, self.cluster_key, "send", link.generation,
-              transfer_id, len(src_block_ids))  # fmt: skip
-        remaining = max(deadline - time.monotonic(), 0.001)
-        link.group.send([blocks], HOST_RANK, _tag(transfer_id)).wait(timedelta(seconds=remaining))
+        with _on(self._stream):
+            if self._stream is not None:
+                # After the prefill that wrote the blocks, enqueued before this call on the
+                # device's default stream (this thread's current one), and nothing after it.
+                self._stream.wait_stream(torch.cuda.default_stream(self.pool.device))
+            # [num_layers, 2, n, block_size, num_kv_heads, head_dim], contiguous
+            blocks = self.pool.index_select(2, block_index(src_block_ids, self.pool.device))
+            _post(link.store, self.instance, link.dst, self.cluster_key, "send", link.generation,
+                  transfer_id, len(src_block_ids))  # fmt: skip
+            remaining = max(deadline - time.monotonic(), 0.001)
+            # A timeout here blocks this (copier) thread only; with NCCL it aborts the group,
+            # which this process survives (transport.p2p_group), and the next send rebuilds it.
+            link.group.send([blocks], HOST_RANK, _tag(transfer_id)).wait(
+                timedelta(seconds=remaining)
+            )
 
     def close(self) -> None:
         with self._lock:

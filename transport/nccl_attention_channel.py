@@ -4,11 +4,15 @@ tensors, gloo for CPU ones), built on the decode worker's TCPStore without a glo
 
 Per layer, decode -> executor: header [seq_no, rows], q, k, v; executor -> decode: header
 [seq_no, refused step + 1 or 0], out. Both sides know the row count from the step plan, so no
-host reads a header to size a receive. With NCCL, `.wait()` only orders the current stream
-after the transfer, so nothing syncs the host until `check()` at the step's end; gloo blocks
-per call and the decode side checks each header at once. A refused step is still answered
-layer by layer (its inputs drained), since every send needs its matching receive. With a
-cluster key the pair group forms only with a peer that proves the key (transport.p2p_group).
+host reads a header to size a receive. With NCCL nothing syncs the host before check() at the
+step's end: a work's `wait()` without a timeout only orders the current stream after it (with
+one, ProcessGroupNCCL blocks the host until it completes), headers go out from pinned host
+memory without a sync, and check() enforces the per-layer deadline by polling the works. gloo
+blocks per call and the decode side checks each header at once. A refused step is still
+answered layer by layer (its inputs drained), since every send needs its matching receive. A
+failed transfer spends the group (NCCL aborts its communicator, gloo's is poisoned): the link
+then refuses at once, and the decode worker attaches a new one. With a cluster key the pair
+group forms only with a peer that proves the key (transport.p2p_group).
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from transport.attention_channel import ChannelTimeout, StepRefused
+from transport.attention_protocol import ChannelTimeout, StepRefused
 from transport.kv_transfer import Endpoint, dtype_from_str, dtype_to_str
 from transport.p2p_group import join_pair
+from transport.p2p_works import Headers, Works
 from transport.security import ClusterKey
 
 DECODE_RANK, EXECUTOR_RANK = 0, 1
-_TAG = 0  # gloo keeps one tag's messages in order; NCCL ignores tags
+_SEND_TIMEOUT_S = 30.0  # an answer's send: gloo completes it once the bytes are out
 
 
 def _label(endpoint: Endpoint) -> str:
@@ -44,13 +49,6 @@ class _Buffers:
         self.k = torch.empty(max_rows, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.out = torch.empty_like(self.q)
-
-
-def _transfer(op, tensor: torch.Tensor, peer: int, timeout_s: float) -> None:
-    try:
-        op([tensor], peer, _TAG).wait(timedelta(seconds=timeout_s))
-    except Exception as exc:  # gloo raises on a timeout or a dead peer; the group is then spent
-        raise ChannelTimeout(f"point-to-point transfer failed: {exc}") from exc
 
 
 class P2PDecodeSideLink:
@@ -93,7 +91,11 @@ class P2PDecodeSideLink:
         # Joining blocks until the executor joins, after it receives the endpoint.
         self._joiner = threading.Thread(target=self._join, name="attn-link-join", daemon=True)
         self._joiner.start()
-        self._headers: list[tuple[int, int, torch.Tensor]] = []  # (seq_no, step_id, header)
+        self.works = Works()
+        self.sent = Headers(self.buffers.device)
+        self.received = Headers(self.buffers.device)
+        self._expected: list[tuple[int, int]] = []  # (seq_no, step_id) of each answer
+        self._timeout_s = 0.0
 
     def _join(self) -> None:
         try:
@@ -110,13 +112,19 @@ class P2PDecodeSideLink:
             raise ChannelTimeout(f"the executor never joined the link: {self._join_error}")
         return self.group
 
+    @property
+    def spent(self) -> bool:
+        """A transfer failed: this link is down for good; attach a new one."""
+        return self.works.spent
+
     def post(self, seq_no: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         group, n, b = self._group(), q.shape[0], self.buffers
-        header = torch.tensor([seq_no, n], dtype=torch.int64, device=b.device)
-        _transfer(group.send, header, EXECUTOR_RANK, self.connect_timeout_s)
+        header = self.sent.outgoing(seq_no, n)
+        self.works.start(group.send, header, EXECUTOR_RANK, self.connect_timeout_s)
         for src, buf in ((q, b.q), (k, b.k), (v, b.v)):
-            buf[:n].copy_(src)  # contiguous and ours until the send completes
-            _transfer(group.send, buf[:n], EXECUTOR_RANK, self.connect_timeout_s)
+            # Ordered after the previous layer's send of `buf`: its wait() ordered this stream.
+            buf[:n].copy_(src)
+            self.works.start(group.send, buf[:n], EXECUTOR_RANK, self.connect_timeout_s)
 
     def collect(
         self,
@@ -127,31 +135,37 @@ class P2PDecodeSideLink:
         on_idle: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         group, b = self._group(), self.buffers
-        header = torch.empty(2, dtype=torch.int64, device=b.device)
-        _transfer(group.recv, header, EXECUTOR_RANK, timeout_s)
+        self.works.start(group.recv, self.received.incoming(), EXECUTOR_RANK, timeout_s)
         out = torch.empty_like(b.out[:n])
-        _transfer(group.recv, out, EXECUTOR_RANK, timeout_s)
-        self._headers.append((seq_no, step_id, header))
+        self.works.start(group.recv, out, EXECUTOR_RANK, timeout_s)
+        self._expected.append((seq_no, step_id))
+        self._timeout_s = max(self._timeout_s, timeout_s)
         if b.device.type == "cpu":
             self.check()  # free on the CPU: fail at the layer, as the shared-memory link does
         return out
 
     def check(self, on_idle: Callable[[], None] | None = None) -> None:
-        """Run at the step's end (one host sync): raises for an out-of-step or refused layer."""
-        headers, self._headers = self._headers, []
-        if not headers:
-            return
-        got = torch.stack([h for _, _, h in headers]).tolist()
-        for (seq_no, step_id, _), (answered, refused) in zip(headers, got):
+        """Run at the step's end (one host sync): raises for an out-of-step or refused layer,
+        or a transfer silent past the layer timeout."""
+        expected, self._expected = self._expected, []
+        timeout_s, self._timeout_s = self._timeout_s, 0.0
+        try:
+            self.works.drain(self.group, timeout_s or self.connect_timeout_s, on_idle)
+            got = self.received.read() if expected else []
+        finally:
+            self.sent.reset()
+            self.received.reset()
+        for (seq_no, step_id), (answered, refused) in zip(expected, got):
             if refused == step_id + 1:
                 raise StepRefused(f"the executor refused step {step_id}")
             if answered != seq_no:
+                self.works.spent = True  # sends and receives no longer pair up
                 raise ChannelTimeout(f"out of step: expected {seq_no}, the executor answered "
                                      f"{answered}")  # fmt: skip
 
     def close(self) -> None:
         self.group = None
-        self._headers.clear()
+        self._expected.clear()
 
 
 class P2PExecutorSideLink:
@@ -182,6 +196,11 @@ class P2PExecutorSideLink:
         self.rows = 0
         self.step_id = 0
         self.next_seq_no = 0
+        self.works = Works()
+        self.sent = Headers(self.buffers.device)
+        self.received = Headers(self.buffers.device)
+        self._expected: list[int] = []  # the seq_no each received header should carry
+        self._timeout_s = 0.0
 
     def begin_step(self, step_id: int, rows: int, first_seq_no: int) -> None:
         if rows > self.buffers.max_rows:
@@ -190,21 +209,22 @@ class P2PExecutorSideLink:
 
     def receive(self, seq_no: int, timeout_s: float):
         b, n = self.buffers, self.rows
-        header = torch.empty(2, dtype=torch.int64, device=b.device)
-        _transfer(self.group.recv, header, DECODE_RANK, timeout_s)
+        self.works.start(self.group.recv, self.received.incoming(), DECODE_RANK, timeout_s)
         for buf in (b.q, b.k, b.v):
-            _transfer(self.group.recv, buf[:n], DECODE_RANK, timeout_s)
-        if b.device.type == "cpu" and int(header[0]) != seq_no:
-            raise ChannelTimeout(f"step superseded (expected {seq_no}, got {int(header[0])})")
+            self.works.start(self.group.recv, buf[:n], DECODE_RANK, timeout_s)
+        self._expected.append(seq_no)
+        self._timeout_s = max(self._timeout_s, timeout_s)
         self.next_seq_no = seq_no + 1
+        if b.device.type == "cpu":
+            self._check_headers()
         return b.q[:n], b.k[:n], b.v[:n]
 
     def respond(self, seq_no: int, out: torch.Tensor, refused_step: int = -1) -> None:
-        b = self.buffers
-        header = torch.tensor([seq_no, refused_step + 1], dtype=torch.int64, device=b.device)
-        _transfer(self.group.send, header, DECODE_RANK, 30.0)
+        b, timeout_s = self.buffers, max(self._timeout_s, _SEND_TIMEOUT_S)
+        header = self.sent.outgoing(seq_no, refused_step + 1)
+        self.works.start(self.group.send, header, DECODE_RANK, timeout_s)
         b.out[: out.shape[0]].copy_(out)
-        _transfer(self.group.send, b.out[: out.shape[0]], DECODE_RANK, 30.0)
+        self.works.start(self.group.send, b.out[: out.shape[0]], DECODE_RANK, timeout_s)
 
     def refuse(self, step_id: int, last_seq_no: int, timeout_s: float = 30.0) -> None:
         """Answers the step's remaining layers, marked refused, draining their inputs."""
@@ -214,9 +234,23 @@ class P2PExecutorSideLink:
             self.respond(seq_no, blank, refused_step=step_id)
 
     def check(self, on_idle: Callable[[], None] | None = None) -> None:
-        """Run at the step's end: with NCCL, the step's transfers are then complete."""
-        if self.buffers.device.type == "cuda":
-            torch.cuda.current_stream(self.buffers.device).synchronize()
+        """Run at the step's end: with NCCL, waits for the step's transfers (ChannelTimeout for
+        one silent past the layer timeout, or rows of a later step: the decode worker moved on)."""
+        timeout_s, self._timeout_s = self._timeout_s, 0.0
+        self.works.drain(self.group, timeout_s or _SEND_TIMEOUT_S, on_idle)
+        self._check_headers()
+
+    def _check_headers(self) -> None:
+        expected, self._expected = self._expected, []
+        try:
+            got = self.received.read() if expected else []
+        finally:
+            self.sent.reset()
+            self.received.reset()
+        for seq_no, (posted, _) in zip(expected, got):
+            if posted != seq_no:
+                self.works.spent = True
+                raise ChannelTimeout(f"step superseded (expected {seq_no}, got {posted})")
 
     def close(self) -> None:
         self.group = None

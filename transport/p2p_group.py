@@ -11,6 +11,7 @@ moves. Without a key, pairs form as before.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from datetime import timedelta
 
@@ -21,6 +22,7 @@ from transport.security import ClusterKey
 
 log = logging.getLogger(__name__)
 
+NCCL_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 _NONCE_BYTES = 32
 _MAC_BYTES = 32
 
@@ -35,6 +37,12 @@ def make_group(backend: str, store: dist.Store, rank: int, timeout_s: float) -> 
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, 2, timeout)
     if backend == "nccl":
+        # Read when the group is made. torch's default (3) tears the process down when an op
+        # times out; 2 only aborts the communicator, so the caller's recovery (a new group
+        # under a new generation, or a new link) runs.
+        if os.environ.setdefault(NCCL_ERROR_HANDLING_ENV, "2") in ("1", "3"):
+            log.warning("%s=%s: a timed-out NCCL op will end this process", NCCL_ERROR_HANDLING_ENV,
+                        os.environ[NCCL_ERROR_HANDLING_ENV])  # fmt: skip
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, 2, options)

@@ -3,7 +3,9 @@ share's validation. Nothing here touches a GPU."""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,21 @@ def no_mps(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv(colocation.MPS_PIPE_ENV, raising=False)
     monkeypatch.delenv(colocation.MPS_SHARE_ENV, raising=False)
     monkeypatch.setattr(colocation, "MPS_DEFAULT_PIPE_DIR", tmp_path / "absent")
+    for state in ("_applied", "_green_context", "_green_stream"):
+        monkeypatch.setattr(colocation, state, None)
+
+
+def daemon_dir(path: Path, pid: int) -> Path:
+    """A pipe directory as a live (or dead) MPS control daemon leaves it."""
+    path.mkdir(exist_ok=True)
+    (path / colocation.MPS_PID_FILE).write_text(f"{pid}\n")
+    return path
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 @pytest.mark.parametrize("share", [0.0, -0.5, 1.01, float("nan")])
@@ -35,15 +52,53 @@ def test_full_share_needs_no_mechanism(no_mps) -> None:
 
 
 def test_mps_daemon_by_pipe_directory_env(no_mps, monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv(colocation.MPS_PIPE_ENV, str(tmp_path))
+    monkeypatch.setenv(colocation.MPS_PIPE_ENV, str(daemon_dir(tmp_path, os.getpid())))
     assert limit_sm_share(0.3) == "mps"
     assert colocation.os.environ[colocation.MPS_SHARE_ENV] == "30"
+    assert colocation.applied_share() == 0.3
 
 
 def test_mps_daemon_by_default_pipe_directory(no_mps, monkeypatch, tmp_path) -> None:
-    monkeypatch.setattr(colocation, "MPS_DEFAULT_PIPE_DIR", tmp_path)
+    monkeypatch.setattr(colocation, "MPS_DEFAULT_PIPE_DIR", daemon_dir(tmp_path, os.getpid()))
     assert limit_sm_share(0.456) == "mps"
     assert colocation.os.environ[colocation.MPS_SHARE_ENV] == "46"
+
+
+def test_a_pipe_directory_without_a_live_daemon_is_no_mps(no_mps, monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(colocation, "green_contexts_supported", lambda: False)
+    monkeypatch.setenv(colocation.MPS_PIPE_ENV, str(tmp_path))  # no pid file at all
+    assert not colocation.mps_running()
+    monkeypatch.setenv(colocation.MPS_PIPE_ENV, str(daemon_dir(tmp_path, dead_pid())))
+    assert not colocation.mps_running()
+    assert limit_sm_share(0.3) == "none"
+    assert colocation.MPS_SHARE_ENV not in os.environ
+    assert colocation.applied_share() == 1.0
+
+
+def test_mps_share_reaches_the_environment_before_cuda_starts(no_mps, monkeypatch,
+                                                              tmp_path) -> None:  # fmt: skip
+    """`adrenaline attention` starts itself again with the share set when its environment
+    lacks it: flag checks may have initialised CUDA, and MPS reads it only then."""
+    from server import roles
+
+    monkeypatch.setenv(colocation.MPS_PIPE_ENV, str(daemon_dir(tmp_path, os.getpid())))
+    assert colocation.mps_environment(1.0) == {}
+    assert colocation.mps_environment(0.25) == {colocation.MPS_SHARE_ENV: "25"}
+    execs = []
+
+    def fake_execve(path, argv, env):
+        execs.append((path, argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execve", fake_execve)
+    with pytest.raises(SystemExit):
+        roles.run_attention(argparse.Namespace(sm_share=0.25), None)
+    ((path, argv, env),) = execs
+    assert path == sys.executable and argv == sys.orig_argv
+    assert env[colocation.MPS_SHARE_ENV] == "25"
+    # Started again with it, nothing is missing: no second restart.
+    monkeypatch.setenv(colocation.MPS_SHARE_ENV, "25")
+    assert colocation.mps_environment(0.25) == {}
 
 
 def test_green_context_when_no_mps(no_mps, monkeypatch) -> None:
@@ -58,14 +113,21 @@ def test_green_context_when_no_mps(no_mps, monkeypatch) -> None:
         def set_context(self) -> None:
             made["current"] = True
 
+        def Stream(self):  # noqa: N802 (torch's name)
+            return "green-stream"
+
     class Props:
         multi_processor_count = 132
 
     monkeypatch.setattr(colocation, "green_contexts_supported", lambda: True)
     monkeypatch.setattr(torch.cuda.green_contexts, "GreenContext", FakeGreenContext)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: made.update(stream=stream))
     assert limit_sm_share(0.25, "cuda:0") == "green_context"
-    assert made == {"num_sms": 40, "device_id": 0, "current": True}  # 33 SMs, whole granules
+    # 33 SMs, in whole granules; every later kernel of this thread on the context's stream.
+    assert made == {"num_sms": 40, "device_id": 0, "current": True, "stream": "green-stream"}
+    assert colocation.applied_share() == pytest.approx(40 / 132)
+    assert colocation.executor_sm_count() == 40
 
 
 def test_no_mechanism_is_logged(no_mps, monkeypatch, caplog) -> None:

@@ -2,7 +2,9 @@
 (CPU), and the CUDA IPC link with GPU-side signals (gpu, skipped without CUDA).
 
 The executor side runs in a child that answers each layer with out = 2 q + seq_no, so the
-decode side checks exact equality of every layer of every step.
+decode side checks exact equality of every layer of every step. Nothing reads a GPU output
+before the step's check(): the no-sync pipeline is what runs, and a dead peer ends in a bounded
+ChannelTimeout, never a hang.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,15 +70,16 @@ def executors() -> Iterator[list[subprocess.Popen]]:
 def _run_decode_side(link, device: str) -> None:
     gen = torch.Generator().manual_seed(0)
     for step in range(STEPS):
+        outs = []
         for layer in range(LAYERS):
             seq_no = step * LAYERS + layer + 1
             q = torch.randn(ROWS, SHAPE["num_heads"], SHAPE["head_dim"], generator=gen).to(device)
             k = torch.randn(ROWS, SHAPE["num_kv_heads"], SHAPE["head_dim"], generator=gen)
             link.post(seq_no, q, k.to(device), (k + 1).to(device))
-            out = link.collect(seq_no, step, ROWS, 10.0)
-            if layer == LAYERS - 1:
-                link.check()
-            assert torch.equal(out.cpu(), (q * 2 + seq_no).cpu())
+            outs.append((link.collect(seq_no, step, ROWS, 10.0), q * 2 + seq_no))
+        link.check()  # the step's one host sync: only now are the outputs valid
+        for out, expected in outs:
+            assert torch.equal(out.cpu(), expected.cpu())
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -170,3 +174,30 @@ def test_cuda_ipc_link_reports_a_refused_step(executors) -> None:
     assert torch.equal(out, (q + 1) * 2 + 2 * LAYERS)
     link.close()
     _finish(executors[0])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_ipc_link_times_out_on_a_dead_executor(executors) -> None:
+    from attention import gpu_signal
+    from transport.attention_channel import ChannelTimeout
+    from transport.cuda_attention_channel import CudaDecodeSideLink
+
+    if gpu_signal.backend() == "none":
+        pytest.skip("needs cuda-python or triton for GPU signals")
+    link = CudaDecodeSideLink(**SHAPE, dtype=torch.float32, device="cuda")
+    executors.append(_start_executor(link.endpoint))
+    executors[0].kill()
+    executors[0].wait(timeout=10)
+    q = torch.zeros(ROWS, SHAPE["num_heads"], SHAPE["head_dim"], device="cuda")
+    k = torch.zeros(ROWS, SHAPE["num_kv_heads"], SHAPE["head_dim"], device="cuda")
+    started = time.monotonic()
+    for seq_no in range(1, LAYERS + 1):
+        link.post(seq_no, q, k, k)
+        link.collect(seq_no, 0, ROWS, 1.0)
+    # A stream memory op wait has no timeout: check() releases it from the host.
+    with pytest.raises(ChannelTimeout):
+        link.check()
+    torch.cuda.synchronize()  # the stream runs on: nothing is left blocked
+    assert time.monotonic() - started < 30
+    link.close()
