@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from attention.colocation import executor_sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -202,7 +204,8 @@ def _next_pow2(x: int) -> int:
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _HOST_SM_COUNT
-    return _cuda_sm_count(device.index or 0)
+    # An executor in a green-context partition has only part of the GPU: plan for that part.
+    return executor_sm_count() or _cuda_sm_count(device.index or 0)
 
 
 @functools.cache

@@ -67,6 +67,7 @@ class WorkerStats(msgspec.Struct, frozen=True):
     aborts_total: int = 0
     num_reclaimed: int = 0  # decode: offloaded requests taken back from a failed executor
     dropped_messages: int = 0  # received messages dropped (malformed, unexpected, refused)
+    sm_share: float = 1.0  # executor: the share of the GPU's SMs in force (1: no limit)
 
 
 class Progress(msgspec.Struct, frozen=True):

@@ -81,6 +81,8 @@ def test_worker_series_per_role_from_heartbeats():
     assert value(text, "adrenaline:kv_cache_usage_perc", **d) == pytest.approx(0.25)
     assert value(text, "adrenaline:kv_cache_usage_perc", **a) == pytest.approx(0.10)
     assert value(text, "adrenaline:kv_blocks_free", **a) == 90
+    assert value(text, "adrenaline:executor_sm_share", **a) == 1.0
+    assert value(text, "adrenaline:executor_sm_share", **d) is None  # executors only
     assert value(text, "adrenaline:decode_batch_size", **d) == 3
     assert value(text, "adrenaline:decode_batch_size", **a) == 2
     assert value(text, "adrenaline:decode_batch_size", **p) is None
