@@ -1,7 +1,8 @@
 """Reference attention backend in plain PyTorch: runs on CPU and GPU, defines correct results.
 
 Prefill and decode both read keys and values back from the paged cache through block tables, so
-chunked prefill and prefix-cache hits see exactly what a later decode step sees.
+chunked prefill and prefix-cache hits see exactly what a later decode step sees. Decode runs the
+whole batch at once, batch-invariantly.
 """
 
 from __future__ import annotations
@@ -44,36 +45,75 @@ class TorchAttention(AttentionBackend):
         return out
 
     def _causal(self, q, keys, values) -> torch.Tensor:
-        # q holds the last q_len positions of a seq_len-long sequence.
+        # q holds the last q_len positions of a seq_len-long sequence. 4-D inputs with
+        # enable_gqa take SDPA's flash kernel on CPU (3-D ones its math kernel, several times
+        # slower), and grouped-query heads need no copies of K and V.
         q_len, seq_len = q.shape[0], keys.shape[0]
-        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        mask = query_pos[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
+        mask = None
+        if q_len != seq_len:
+            query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+            mask = query_pos[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            self._expand_kv(keys).transpose(0, 1),
-            self._expand_kv(values).transpose(0, 1),
+            q.transpose(0, 1).unsqueeze(0),
+            keys.transpose(0, 1).unsqueeze(0),
+            values.transpose(0, 1).unsqueeze(0),
             attn_mask=mask,
+            is_causal=mask is None,
             scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
-        return out.transpose(0, 1)
-
-    def _expand_kv(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.num_heads // self.num_kv_heads
-        return x if group == 1 else x.repeat_interleave(group, dim=1)
+        return out.squeeze(0).transpose(0, 1)
 
     def decode(self, q, k_cache, v_cache, seq_lens, block_tables, max_seq_len) -> torch.Tensor:
-        # One sequence at a time over exactly its own keys: padding a batch to its longest
-        # sequence changes reduction order, and with it the last bits of every row. The
-        # reference must give a sequence the same output whatever its batch mates (and whether
-        # it runs here or on an attention executor).
-        out = torch.empty_like(q)
-        for i, seq_len in enumerate(seq_lens.tolist()):
-            keys = gather_kv(k_cache, block_tables[i], seq_len)
-            values = gather_kv(v_cache, block_tables[i], seq_len)
-            out[i] = F.scaled_dot_product_attention(
-                q[i].unsqueeze(1),  # [H, 1, D]
-                self._expand_kv(keys).transpose(0, 1),
-                self._expand_kv(values).transpose(0, 1),
-                scale=self.scale,
-            ).squeeze(1)
-        return out
+        # The whole batch at once, every sequence padded to the longest one's blocks, and still
+        # batch-invariant (a sequence's output is the same whatever its batch mates, here or on
+        # an attention executor): scores reduce over head_dim only; a padded key's score is
+        # exactly -inf, so its weight is exactly 0, and the weighted sum over keys adds each
+        # sequence's own keys in order, then exact zeros. The test of that is bitwise
+        # (tests/attention/test_torch_backend_decode.py).
+        num_seqs = q.shape[0]
+        if num_seqs == 0:
+            return torch.empty_like(q)
+        block_size = k_cache.shape[1]
+        ctx = -(-max_seq_len // block_size) * block_size
+        blocks = block_tables[:, : ctx // block_size].long()
+        # Keys gathered as rows of a 2-D view (index_select's fast path): [num_seqs, ctx, kv, D].
+        keys = k_cache.flatten(1).index_select(0, blocks.reshape(-1))
+        keys = keys.view(num_seqs, ctx, self.num_kv_heads, self.head_dim)
+        padding = torch.arange(ctx, device=q.device)[None, :] >= seq_lens[:, None]
+        probs = self._probs(q, keys, padding)  # [num_kv_heads, num_seqs, group, ctx]
+        out = self._weighted_values(probs, v_cache, blocks, padding)
+        return out.transpose(0, 1).reshape(q.shape)
+
+    def _weighted_values(self, probs, v_cache, blocks, padding) -> torch.Tensor:
+        """sum over keys of probs * values, [num_kv_heads, num_seqs, group, head_dim]. Values
+        are never gathered: an embedding bag sums each head's weighted value rows straight from
+        the cache. A padded slot reads the sequence's own first value, with weight 0, so another
+        request's stale inf or nan can never leak in as 0 * inf."""
+        num_seqs, ctx = padding.shape
+        block_size = v_cache.shape[1]
+        pos = torch.arange(ctx, device=padding.device)
+        slots = blocks[:, pos // block_size] * block_size + pos % block_size  # [num_seqs, ctx]
+        slots = torch.where(padding, slots[:, :1], slots)
+        heads = torch.arange(self.num_kv_heads, device=padding.device)[:, None, None, None]
+        rows = (slots[None, :, None, :] * self.num_kv_heads + heads).expand(probs.shape)
+        out = F.embedding_bag(
+            rows.reshape(-1, ctx),
+            v_cache.view(-1, self.head_dim),  # [num_blocks * block_size * num_kv_heads, D]
+            mode="sum",
+            per_sample_weights=probs.view(-1, ctx),
+        )
+        return out.view(self.num_kv_heads, num_seqs, -1, self.head_dim)
+
+    def _probs(self, q, keys, padding) -> torch.Tensor:
+        """Attention weights [num_kv_heads, num_seqs, group, ctx], one batched matmul per kv
+        head over strided views (no copy of K per query head), softmax in float32."""
+        num_seqs, ctx = padding.shape
+        group = self.num_heads // self.num_kv_heads
+        q_grouped = (q * self.scale).reshape(num_seqs, self.num_kv_heads, group, self.head_dim)
+        probs = q.new_empty(self.num_kv_heads, num_seqs, group, ctx)
+        for h in range(self.num_kv_heads):
+            scores = torch.bmm(q_grouped[:, h], keys[:, :, h].transpose(1, 2)).float()
+            scores.masked_fill_(padding[:, None, :], float("-inf"))
+            probs[h] = scores.softmax(-1)
+        return probs

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.config import ModelConfig
-from engine.model import LlamaForCausalLM
+from engine.model import LlamaForCausalLM, checkpoint_tensors
 from engine.tokenizer import CHATML_TEMPLATE
 
 TINY_CONFIG = Path(__file__).parent / "builtin" / "tiny" / "config.json"
@@ -85,7 +85,8 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
 
 def _random_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
-        shapes = {n: p.shape for n, p in LlamaForCausalLM(cfg, 1).named_parameters()}
+        model = LlamaForCausalLM(cfg, 1)
+        shapes = {n: t.shape for n, t in checkpoint_tensors(model).items()}
     generator = torch.Generator().manual_seed(_WEIGHT_SEED)
     weights = {}
     for name, shape in shapes.items():

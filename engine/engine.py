@@ -27,7 +27,7 @@ from engine.sequence import (
     SequenceStatus,
 )
 from engine.step_timing import StepTiming
-from engine.tokenizer import Tokenizer, find_stop, partial_stop_len
+from engine.tokenizer import Tokenizer, detokenize, find_stop, partial_stop_len
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +226,9 @@ class LLMEngine:
     def _check_finished(self, seq: Sequence) -> None:
         params = seq.params
         token = seq.token_ids[-1]
-        previous_len = len(seq.text)
-        seq.text = self.tokenizer.decode(seq.output_token_ids)
+        final_before = detokenize(self.tokenizer, seq)
         reason = None
-        stop_at = find_stop(seq.text, params.stop, previous_len) if params.stop else -1
+        stop_at = find_stop(seq.text, params.stop, final_before) if params.stop else -1
         if stop_at != -1:
             seq.text = seq.text[:stop_at]
             reason = FinishReason.STOP

@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attention.backend import AttentionBackend, AttentionMetadata
@@ -27,6 +29,62 @@ log = logging.getLogger(__name__)
 class StepOutput:
     # Sequences that produced a token this step, with the token and its logprob (if asked).
     sampled: list[tuple[Sequence, int, float | None]]
+
+
+@dataclass
+class StepLayout:
+    """Where each row's new tokens sit in a step's flat token list (host arrays). Rows are
+    ordered prompt chunks, local decodes, then offloaded decodes."""
+
+    seqs: list[Sequence]
+    counts: np.ndarray  # [rows] new tokens of each row
+    starts: np.ndarray  # [rows] position of each row's first new token
+    num_local: int  # rows [0, num_local) attend here, the others on attention executors
+    num_prefills: int  # rows [0, num_prefills) are prompt chunks (more than one token)
+
+    @classmethod
+    def of(cls, rows: list[tuple[Sequence, int]]) -> StepLayout:
+        seqs = [seq for seq, _ in rows]
+        counts = np.array([n for _, n in rows], dtype=np.int64)
+        num_local = sum(1 for seq in seqs if not seq.executor)
+        return cls(
+            seqs=seqs,
+            counts=counts,
+            starts=np.array([seq.num_computed_tokens for seq in seqs], dtype=np.int64),
+            num_local=num_local,
+            num_prefills=int((counts[:num_local] > 1).sum()),
+        )
+
+    @property
+    def ends(self) -> np.ndarray:
+        return self.starts + self.counts
+
+    @property
+    def first_tokens(self) -> np.ndarray:  # [rows] index of each row's first token in the step
+        return np.cumsum(self.counts) - self.counts
+
+    @property
+    def token_row(self) -> np.ndarray:  # [tokens] the row each token belongs to
+        return np.repeat(np.arange(len(self.seqs)), self.counts)
+
+    @property
+    def positions(self) -> np.ndarray:  # [tokens]
+        return np.arange(int(self.counts.sum())) - (self.first_tokens - self.starts)[self.token_row]
+
+    def token_ids(self) -> np.ndarray:  # [tokens] int64
+        starts, ends = self.starts.tolist(), self.ends.tolist()
+        pieces = (seq.token_ids[a:b] for seq, a, b in zip(self.seqs, starts, ends))
+        return np.fromiter(
+            chain.from_iterable(pieces), dtype=np.int64, count=sum(self.counts.tolist())
+        )
+
+    def offloaded_groups(self) -> list[tuple[str, list[tuple[str, int]]]]:
+        """Per executor, in row order: (request id, position of its new token)."""
+        groups: dict[str, list[tuple[str, int]]] = {}
+        offloaded = zip(self.seqs[self.num_local :], self.starts[self.num_local :].tolist())
+        for seq, start in offloaded:
+            groups.setdefault(seq.executor, []).append((seq.request_id, start))
+        return list(groups.items())
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -132,68 +190,47 @@ class ModelRunner:
         )
 
     def _prepare(self, batch: ScheduledBatch):
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logit_rows: list[int] = []
-        sampling: list[Sequence] = []
-        prefill_query_lens: list[int] = []
-        prefill_seq_lens: list[int] = []
-        prefill_tables: list[list[int]] = []
-        decode_seq_lens: list[int] = []
-        decode_tables: list[list[int]] = []
-        offloaded: dict[str, list[tuple[str, int]]] = {}
-        for seq, num_new in self._row_order(batch):
-            start = seq.num_computed_tokens
-            end = start + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            if end == seq.num_tokens:
-                logit_rows.append(len(input_ids) - 1)
-                sampling.append(seq)
-            if seq.executor:
-                offloaded.setdefault(seq.executor, []).append((seq.request_id, start))
-                continue
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if num_new > 1:
-                prefill_query_lens.append(num_new)
-                prefill_seq_lens.append(end)
-                prefill_tables.append(table)
-            else:
-                decode_seq_lens.append(end)
-                decode_tables.append(table)
-        dev = self.device
-
-        def ints(values, dtype=torch.int32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev)
-
-        query_start = [0]
-        for n in prefill_query_lens:
-            query_start.append(query_start[-1] + n)
-        meta = AttentionMetadata(
-            slot_mapping=ints(slots, torch.int64),
-            num_prefill_tokens=query_start[-1],
-            prefill_query_start=ints(query_start),
-            prefill_seq_lens=ints(prefill_seq_lens),
-            prefill_block_tables=self._pad_tables(prefill_tables),
-            prefill_query_lens_host=prefill_query_lens,
-            prefill_seq_lens_host=prefill_seq_lens,
-            decode_seq_lens=ints(decode_seq_lens),
-            decode_block_tables=self._pad_tables(decode_tables),
-            decode_max_seq_len=max(decode_seq_lens, default=0),
-        )
-        if offloaded:
-            assert self.remote is not None, "offloaded sequences need a remote attention client"
-            meta.remote = self.remote.begin_step(len(slots), list(offloaded.items()))
+        """A step's flat inputs: token ids, positions, attention metadata, the rows to sample
+        and their sequences. Work per sequence, never per token: arrays are built with numpy."""
+        layout = StepLayout.of(self._row_order(batch))
+        sample_rows = np.flatnonzero(layout.ends == [seq.num_tokens for seq in layout.seqs])
+        last_tokens = layout.first_tokens[sample_rows] + layout.counts[sample_rows] - 1
         return (
-            ints(input_ids, torch.int64),
-            ints(positions, torch.int64),
-            meta,
-            ints(logit_rows, torch.int64),
-            sampling,
+            self._on_device(layout.token_ids()),
+            self._on_device(layout.positions),
+            self._attention_metadata(layout),
+            self._on_device(last_tokens),
+            [layout.seqs[i] for i in sample_rows.tolist()],
         )
+
+    def _attention_metadata(self, layout: StepLayout) -> AttentionMetadata:
+        num_local, num_prefills = layout.num_local, layout.num_prefills
+        tables = self._pad_tables([seq.block_table for seq in layout.seqs[:num_local]])
+        local = slice(0, int(layout.counts[:num_local].sum()))  # local rows' tokens come first
+        positions, bs = layout.positions[local], self.block_size
+        blocks = tables[layout.token_row[local], positions // bs].astype(np.int64)
+        query_lens = layout.counts[:num_prefills].astype(np.int32)
+        prefill_seq_lens = layout.ends[:num_prefills].astype(np.int32)
+        decode_seq_lens = layout.ends[num_prefills:num_local].astype(np.int32)
+        meta = AttentionMetadata(
+            slot_mapping=self._on_device(blocks * bs + positions % bs),
+            num_prefill_tokens=int(query_lens.sum()),
+            prefill_query_start=self._on_device(query_starts(query_lens)),
+            prefill_seq_lens=self._on_device(prefill_seq_lens),
+            prefill_block_tables=self._on_device(tables[:num_prefills]),
+            prefill_query_lens_host=query_lens.tolist(),
+            prefill_seq_lens_host=prefill_seq_lens.tolist(),
+            decode_seq_lens=self._on_device(decode_seq_lens),
+            decode_block_tables=self._on_device(tables[num_prefills:]),
+            decode_max_seq_len=int(decode_seq_lens.max(initial=0)),
+        )
+        if num_local < len(layout.seqs):
+            assert self.remote is not None, "offloaded sequences need a remote attention client"
+            meta.remote = self.remote.begin_step(local.stop, layout.offloaded_groups())
+        return meta
+
+    def _on_device(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(self.device)
 
     @staticmethod
     def _row_order(batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
@@ -202,12 +239,19 @@ class ModelRunner:
         remote = sorted((e for e in batch.entries if e[0].executor), key=lambda e: e[0].executor)
         return local + remote
 
-    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
+    @staticmethod
+    def _pad_tables(tables: list[list[int]]) -> np.ndarray:
+        """[len(tables), longest] int32, zero-padded."""
         width = max((len(t) for t in tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(
-            len(tables), width
-        )
+        padded = np.zeros((len(tables), width), dtype=np.int32)
+        for row, table in zip(padded, tables):
+            row[: len(table)] = table
+        return padded
+
+
+def query_starts(query_lens: np.ndarray) -> np.ndarray:
+    """[len + 1] int32 cumulative counts, from 0."""
+    return np.concatenate(([0], np.cumsum(query_lens))).astype(np.int32)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

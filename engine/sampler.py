@@ -34,18 +34,34 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> tuple[list[int], list[float] | None]:
-    greedy = logits.argmax(-1)
-    tokens = greedy.clone()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        filtered = apply_filters(logits[i] / p.temperature, p)
-        probs = filtered.softmax(-1)
-        # Exponential race (Gumbel-max equivalent): argmax(p / E) with E ~ Exp(1) draws from p.
-        noise = torch.empty_like(probs).exponential_(generator=generators[i])
-        tokens[i] = (probs / noise).argmax()
+    tokens = logits.argmax(-1)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        tokens[drawn] = draw(
+            logits[drawn], [params[i] for i in drawn], [generators[i] for i in drawn]
+        )
     token_list = tokens.tolist()
     if not any(p.logprobs for p in params):
         return token_list, None
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return token_list, logprobs.tolist()
+
+
+def draw(
+    logits: torch.Tensor,  # [rows, vocab] float32
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:  # [rows] token ids
+    """One draw per row from its temperature-scaled, filtered distribution, the whole batch at
+    once; only the noise comes row by row, each row from its own generator."""
+    temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
+    scaled = logits / temperatures[:, None]
+    for row, p in enumerate(params):
+        if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
+            scaled[row] = apply_filters(scaled[row], p)
+    probs = scaled.softmax(-1)
+    # Exponential race (Gumbel-max equivalent): argmax(p / E) with E ~ Exp(1) draws from p.
+    noise = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    return (probs / noise).argmax(-1)

@@ -97,6 +97,12 @@ class Sequence:
     text: str = ""
     text_sent: int = 0
     tokens_sent: int = 0
+    # Incremental detokenization (engine/tokenizer.py `detokenize`): text[:text_final] is the
+    # final text of output tokens [0, read_offset), decoded with [prefix_offset, read_offset)
+    # as context for the next ones. Zeros are a valid start for any outputs (one full decode).
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text_final: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)

@@ -1,5 +1,5 @@
 """Text in and out: a `tokenizers` tokenizer.json, the model's chat template (Jinja, sandboxed),
-and the stop-string check over detokenized output.
+incremental detokenization of a sequence's output, and the stop-string check over it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.sequence import InvalidRequestError
+from engine.sequence import InvalidRequestError, Sequence
 
 # Used when a model ships no chat template: the ChatML layout most small instruct models use.
 CHATML_TEMPLATE = (
@@ -73,6 +73,30 @@ def _token_text(token: str | dict | None) -> str | None:
     if isinstance(token, dict):
         return token.get("content")
     return token
+
+
+def detokenize(tokenizer: Tokenizer, seq: Sequence) -> int:
+    """Brings `seq.text` up to date with its outputs, the same text a full decode gives, by
+    decoding only the tokens since the last complete character (as vLLM does: a window from
+    `prefix_offset`, less its first part's own text). Returns how much of the text was final
+    before, so that stop strings need only be looked for past it."""
+    final_before, start = seq.text_final, seq.num_prompt_tokens
+    context_ids = seq.token_ids[start + seq.prefix_offset : start + seq.read_offset]
+    context = tokenizer.decode(context_ids)
+    text = tokenizer.decode(context_ids + seq.token_ids[start + seq.read_offset :])
+    if not text.startswith(context):
+        # A decoder whose output for a token depends on what follows: decode it all each time.
+        seq.text = tokenizer.decode(seq.output_token_ids)
+        seq.prefix_offset = seq.read_offset = seq.text_final = 0
+        return 0
+    new = text[len(context) :]
+    seq.text = seq.text[:final_before] + new
+    # A replacement character at the end may be a multi-byte character cut short: it stays
+    # in the window until complete.
+    if new and not new.endswith("\ufffd"):
+        seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_output_tokens
+        seq.text_final = len(seq.text)
+    return final_before
 
 
 def find_stop(text: str, stops: list[str], search_from: int) -> int:

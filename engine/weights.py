@@ -1,5 +1,6 @@
 """Builds the model on its device and fills it: from Hugging Face safetensors (single or sharded),
-or with deterministic dummy weights for running a model's shapes without its checkpoint.
+or with deterministic dummy weights for running a model's shapes without its checkpoint. Both go
+through the checkpoint's own tensor names, so merged projections are filled part by part.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ModelConfig
-from engine.model import LlamaForCausalLM
+from engine.model import LlamaForCausalLM, checkpoint_tensors
 from engine.rope import RotaryEmbedding
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 @torch.no_grad()
 def load_safetensors(model: LlamaForCausalLM, model_dir: Path) -> None:
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = checkpoint_tensors(model, remove_duplicate=False)
     loaded: set[str] = set()
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
@@ -102,9 +103,10 @@ def load_safetensors(model: LlamaForCausalLM, model_dir: Path) -> None:
 
 @torch.no_grad()
 def fill_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
-    # Generated on the CPU from one seed so every device and process gets the same weights.
+    # Generated on the CPU from one seed so every device and process gets the same weights,
+    # drawn per checkpoint tensor in checkpoint order (the same weights as before merging).
     generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
+    for name, param in checkpoint_tensors(model).items():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue

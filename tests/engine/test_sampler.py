@@ -134,3 +134,25 @@ def test_logprobs_are_log_softmax_of_raw_logits() -> None:
     for row in range(3):
         assert math.isclose(logprobs[row], float(reference[row, tokens[row]]), abs_tol=1e-5)
         assert logprobs[row] <= 0
+
+
+def test_batched_rows_draw_what_each_row_draws_alone() -> None:
+    logits = random_logits(24, seed=8)
+    kinds = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.7),
+        SamplingParams(temperature=1.0, top_k=7),
+        SamplingParams(temperature=1.2, top_p=0.8),
+        SamplingParams(temperature=0.9, min_p=0.05),
+    ]
+    params = [kinds[i % len(kinds)] for i in range(24)]
+
+    def generators() -> list[torch.Generator | None]:
+        return [None if p.greedy else seeded(1000 + i) for i, p in enumerate(params)]
+
+    batch_gens, alone_gens = generators(), generators()
+    for _ in range(10):
+        batched, _ = sample(logits, params, batch_gens)
+        alone = [sample(logits[i : i + 1], [params[i]], [alone_gens[i]])[0][0] for i in range(24)]
+        assert batched == alone
