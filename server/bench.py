@@ -27,6 +27,7 @@ from server.bench_datasets import (
     estimate_tokens,
     parse_vocab_range,
     random_requests,
+    reasoning_requests,
     sharegpt_requests,
     synthetic_requests,
     tokenizer_counter,
@@ -44,6 +45,12 @@ class BenchError(RuntimeError):
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark a running server (like vllm bench serve)")
+    add_bench_flags(p)
+    return p
+
+
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    """The benchmark's command line; `adrenaline simulate` takes the same one."""
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     p.add_argument("--endpoint", choices=ENDPOINTS, default="/v1/completions")
     p.add_argument(
@@ -59,7 +66,12 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="Poisson arrivals in req/s; inf sends all at once",
     )
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
-    p.add_argument("--dataset", choices=["synthetic", "random", "sharegpt"], default="synthetic")
+    p.add_argument(
+        "--dataset",
+        choices=["synthetic", "reasoning", "random", "sharegpt"],
+        default="synthetic",
+        help="synthetic: ShareGPT-like lengths; reasoning: OpenThoughts-like long outputs",
+    )
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file for --dataset sharegpt")
     p.add_argument(
         "--tokenizer",
@@ -89,7 +101,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     from server.bench_compare import add_compare_flags
 
     add_compare_flags(p)
-    return p
 
 
 def auth_headers() -> dict[str, str]:
@@ -245,6 +256,8 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
     vocab = parse_vocab_range(args.vocab_range)
     if args.dataset == "random":
         return random_requests(n, args.random_input_len, args.random_output_len, vocab, seed)
+    if args.dataset == "reasoning":
+        return reasoning_requests(n, args.max_input_len, args.max_output_len, vocab, seed)
     return synthetic_requests(n, args.max_input_len, args.max_output_len, vocab, seed)
 
 

@@ -1,5 +1,6 @@
-"""Request sets for `adrenaline bench`: fixed-length `random`, ShareGPT-shaped `synthetic`, and
-real `sharegpt` conversations. Pure functions of their arguments and a seed; no network.
+"""Request sets for `adrenaline bench`: fixed-length `random`, ShareGPT-shaped `synthetic`,
+OpenThoughts-shaped `reasoning`, and real `sharegpt` conversations. Pure functions of their
+arguments and a seed; no network.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ SYNTHETIC_INPUT_MEDIAN = 200
 SYNTHETIC_OUTPUT_MEDIAN = 150
 SYNTHETIC_INPUT_SIGMA = 1.0
 SYNTHETIC_OUTPUT_SIGMA = 0.8
+# Reasoning traffic (the paper's OpenThoughts case: short problems, long chains of thought). Not
+# measured from the dataset: a stand-in with outputs ten times the synthetic ones, sized so that
+# prompt and output fit Llama-2's 4096-token context.
+REASONING_INPUT_MEDIAN = 250
+REASONING_OUTPUT_MEDIAN = 1500
+REASONING_INPUT_SIGMA = 0.6
+REASONING_OUTPUT_SIGMA = 0.6
 
 
 class DatasetError(ValueError):
@@ -71,15 +79,34 @@ def synthetic_requests(
 ) -> list[BenchRequest]:
     """ShareGPT-shaped lengths without the file: lognormal inputs in [4, max_input_len] and
     outputs in [1, max_output_len], prompts as random token ids."""
+    shape = (SYNTHETIC_INPUT_MEDIAN, SYNTHETIC_INPUT_SIGMA, SYNTHETIC_OUTPUT_MEDIAN,
+             SYNTHETIC_OUTPUT_SIGMA)  # fmt: skip
+    return lognormal_requests(num, max_input_len, max_output_len, vocab, seed, shape)
+
+
+def reasoning_requests(
+    num: int, max_input_len: int, max_output_len: int, vocab: tuple[int, int], seed: int
+) -> list[BenchRequest]:
+    """OpenThoughts-shaped lengths: short lognormal inputs, long outputs, clipped alike."""
+    shape = (REASONING_INPUT_MEDIAN, REASONING_INPUT_SIGMA, REASONING_OUTPUT_MEDIAN,
+             REASONING_OUTPUT_SIGMA)  # fmt: skip
+    return lognormal_requests(num, max_input_len, max_output_len, vocab, seed, shape)
+
+
+def lognormal_requests(
+    num: int,
+    max_input_len: int,
+    max_output_len: int,
+    vocab: tuple[int, int],
+    seed: int,
+    shape: tuple[float, float, float, float],  # input median, sigma, output median, sigma
+) -> list[BenchRequest]:
     if max_input_len < 4 or max_output_len < 1:
         raise DatasetError("--max-input-len must be >= 4 and --max-output-len >= 1")
     rng = np.random.default_rng(seed)
-    inputs = lognormal_lengths(
-        rng, num, SYNTHETIC_INPUT_MEDIAN, SYNTHETIC_INPUT_SIGMA, 4, max_input_len
-    )
-    outputs = lognormal_lengths(
-        rng, num, SYNTHETIC_OUTPUT_MEDIAN, SYNTHETIC_OUTPUT_SIGMA, 1, max_output_len
-    )
+    in_median, in_sigma, out_median, out_sigma = shape
+    inputs = lognormal_lengths(rng, num, in_median, in_sigma, 4, max_input_len)
+    outputs = lognormal_lengths(rng, num, out_median, out_sigma, 1, max_output_len)
     return [
         BenchRequest(_token_prompt(rng, n_in, vocab), n_in, n_out)
         for n_in, n_out in zip(inputs, outputs)

@@ -1,7 +1,7 @@
 """The `adrenaline` command: `serve` starts a whole deployment here; `router`, `prefill` and
 `decode` start one role each (for deployments across hosts); `generate` runs the engine
-offline; `bench` measures a running server; `profile` measures this device for the load-aware
-offload policy.
+offline; `bench` measures a running server; `simulate` answers bench's command line with a
+simulated deployment; `profile` measures this device for the load-aware offload policy.
 
 Flags map one-to-one onto the frozen config dataclasses; a bad flag value exits with an error
 that names the flag.
@@ -32,6 +32,7 @@ from server.roles import (
     run_worker,
 )
 from server.serve_flags import FlagError, check_model, check_router_flags, check_serve_flags
+from server.simulate.cli import add_simulate_parser, run_simulate
 
 DEFAULT_MODEL = "smollm2"
 
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_flags(profile)
 
     add_bench_parser(sub)
+    add_simulate_parser(sub)
     keygen = sub.add_parser("keygen", help="write a new cluster key file for --cluster-key")
     keygen.add_argument("--output", default="adrenaline-cluster.key", metavar="FILE",
                         help="where to write it (mode 600; never overwritten)")  # fmt: skip
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_keygen(args.output, sub_parser)
     if args.command == "bench":
         return run_bench(args)
+    if args.command == "simulate":
+        return run_simulate(args)
     try:
         if args.command == "router":
             check_router_flags(args)

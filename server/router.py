@@ -25,15 +25,9 @@ import zmq.asyncio
 
 from engine.sequence import InvalidRequestError, sampling_params
 from engine.tokenizer import Tokenizer
-from scheduler.offload_policy import (
-    ClusterView,
-    DecodeLoad,
-    ExecutorLoad,
-    NeverOffload,
-    OffloadCandidate,
-    OffloadPolicy,
-)
-from scheduler.placement import WorkerLoad, pick_decode, pick_prefill
+from scheduler.offload_policy import NeverOffload, OffloadPolicy
+from scheduler.placement import WorkerLoad, pick_prefill
+from scheduler.routing import place_decode, tally, worker_loads
 from server.generation import Overloaded, Unavailable
 from server.metrics import RouterMetrics, offload_now
 from server.worker_registry import RegistrationRefused, WorkerInfo, WorkerRegistry
@@ -90,6 +84,10 @@ class RouterRequest:
 
     def __post_init__(self) -> None:
         self.client_id = self.client_id or self.request_id
+
+    @property
+    def prompt_tokens(self) -> int:  # what scheduler.routing's books count
+        return len(self.prompt_token_ids)
 
 
 class Router:
@@ -503,19 +501,16 @@ class Router:
             self._try_reserve(req)
 
     def _try_reserve(self, req: RouterRequest) -> None:
-        executor = self._offload_target(req)
-        blocks = 0 if executor else req.reserve_blocks
-        decode_worker = pick_decode(self._loads("decode"), blocks) or pick_decode(
-            # The whole deployment may be draining: what is in flight still finishes.
-            self._loads("decode", draining_too=True),
-            blocks,
+        placement = place_decode(
+            self.offload_policy, req, self.workers, tally(self.requests.values()), self.assigned
         )
-        if decode_worker is None:
-            if not any(w.alive and not w.stuck for w in self.registry.of_role("decode")):
+        if placement.decode is None:
+            if not placement.decode_alive:
                 self._finish(req, Unavailable("no live decode worker"))
             else:
                 req.retry_at = time.monotonic() + 0.05  # wait for KV blocks to free up
             return
+        decode_worker, executor = placement.decode, placement.executor
         req.decode, req.executor = decode_worker, executor
         self.assigned[decode_worker] = self.assigned.get(decode_worker, 0) + 1
         req.retry_at = 0.0
@@ -528,79 +523,6 @@ class Router:
             self._send(executor, msgspec.structs.replace(message, lent_blocks=lent_blocks or []))
             return
         self._send(req.decode, self._continue_message(req))
-
-    def _offload_target(self, req: RouterRequest) -> str | None:
-        """The executor beside the request's prefill worker, if the policy offloads it."""
-        executor = next(
-            (w for w in self.workers.values()
-             if w.role == "attention" and w.registration.colocated_with == req.prefill),
-            None,
-        )  # fmt: skip
-        candidate = OffloadCandidate(
-            request_index=req.index,
-            prompt_tokens=len(req.prompt_token_ids),
-            executor_alive=executor is not None and executor.available,
-            executor_free_blocks=executor.registration.stats.num_free_blocks if executor else 0,
-            blocks_needed=req.reserve_blocks,
-            view=self._cluster_view(executor)
-            if executor is not None and self.offload_policy.needs_view
-            else None,
-        )
-        if executor is None or not self.offload_policy.decide(candidate):
-            return None
-        return executor.instance
-
-    def _cluster_view(self, executor: WorkerInfo) -> ClusterView:
-        """The load-aware policy's input: the latest heartbeats, plus what the router has placed
-        since (requests still reserving or transferring count in full, conservatively)."""
-        decode_instance = pick_decode(self._loads("decode"), 0)
-        batch = offloaded = local_blocks = local_tokens = pending_blocks = pending_tokens = 0
-        for r in self.requests.values():
-            in_flight = r.phase in ("reserving", "transferring")
-            if r.decode is not None and r.decode == decode_instance:
-                batch += 1
-                if in_flight and r.executor is None:
-                    local_blocks += r.reserve_blocks
-                    local_tokens += len(r.prompt_token_ids)
-            if r.executor == executor.instance:
-                offloaded += 1
-                if in_flight:
-                    pending_blocks += r.reserve_blocks
-                    pending_tokens += len(r.prompt_token_ids)
-        decode = None
-        if decode_instance is not None:
-            worker = self.workers[decode_instance]
-            d = worker.registration.stats
-            measured = d.num_running > 0  # idle, its last step no longer describes its load
-            decode = DecodeLoad(
-                instance=decode_instance,
-                batch=max(batch, d.num_running),
-                context_tokens=d.context_tokens + local_tokens,
-                free_blocks=d.num_free_blocks - local_blocks,
-                last_batch_size=d.last_batch_size if measured else 0,
-                last_context_tokens=d.context_tokens if measured else 0,
-                step_time_ms=d.step_time_ms,
-                offload_wait_ms=d.offload_roundtrip_ms if d.num_offloaded else 0.0,
-                heartbeat_at=worker.last_seen,
-            )
-        e = executor.registration.stats
-        prefill = self.workers.get(executor.registration.colocated_with)
-        return ClusterView(
-            decode=decode,
-            executor=ExecutorLoad(
-                instance=executor.instance,
-                alive=executor.alive,
-                num_blocks=e.num_blocks,
-                free_blocks=e.num_free_blocks - pending_blocks,
-                offloaded=max(offloaded, e.num_offloaded),
-                offloaded_tokens=e.context_tokens + pending_tokens,
-                last_offloaded=e.num_offloaded,
-                last_offloaded_tokens=e.context_tokens if e.num_offloaded else 0,
-                attention_time_ms=e.attention_time_ms,
-                heartbeat_at=executor.last_seen,
-                prefill_queued_tokens=prefill.registration.stats.queued_tokens if prefill else 0,
-            ),
-        )
 
     def _continue_message(self, req: RouterRequest, for_decode_of_offloaded: bool = False):
         executor = self.workers[req.executor] if for_decode_of_offloaded else None
@@ -711,29 +633,8 @@ class Router:
             self._try_reserve(req)
 
     def _loads(self, role: str, draining_too: bool = False) -> list[WorkerLoad]:
-        queued: dict[str, int] = {}
-        running: dict[str, int] = {}
-        pending: dict[str, int] = {}
-        for r in self.requests.values():
-            if r.phase == "prefill":
-                queued[r.prefill] = queued.get(r.prefill, 0) + len(r.prompt_token_ids)
-            if r.decode is not None:
-                running[r.decode] = running.get(r.decode, 0) + 1
-                if r.phase == "reserving" and r.executor is None:
-                    pending[r.decode] = pending.get(r.decode, 0) + r.reserve_blocks
-        return [
-            WorkerLoad(
-                instance=w.instance,
-                alive=w.available or (draining_too and w.alive and not w.stuck),
-                queued_tokens=queued.get(w.instance, 0),
-                num_running=running.get(w.instance, 0),
-                num_free_blocks=w.registration.stats.num_free_blocks,
-                pending_blocks=pending.get(w.instance, 0),
-                assigned_total=self.assigned.get(w.instance, 0),
-            )
-            for w in self.workers.values()
-            if w.role == role
-        ]
+        books = tally(self.requests.values())
+        return worker_loads(role, self.workers.values(), books, self.assigned, draining_too)
 
 
 def _count_phases(requests) -> dict[str, int]:

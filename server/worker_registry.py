@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import msgspec
 
 from transport.heartbeat import host_identity, process_exited
-from transport.messages import Register
+from transport.messages import Register, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,19 @@ class WorkerInfo:
     def available(self) -> bool:
         """Whether new work may be placed here."""
         return self.alive and not self.stuck and not self.draining
+
+    # What scheduler.routing reads of a worker (its WorkerState).
+    @property
+    def stats(self) -> WorkerStats:
+        return self.registration.stats
+
+    @property
+    def colocated_with(self) -> str:
+        return self.registration.colocated_with
+
+    @property
+    def heartbeat_at(self) -> float:
+        return self.last_seen
 
     def as_json(self, now: float) -> dict:
         return {

@@ -1,0 +1,230 @@
+"""The simulator against the real server, on this machine: the same `bench --compare` experiment
+run as `adrenaline bench` (a fresh `adrenaline serve` per policy, rates in turn) and as
+`adrenaline simulate` (the CPU as `adrenaline profile` measured it, every role sharing its
+cores), then output throughput, median TPOT and median TTFT side by side with the relative
+error (targets: 15%, 15%, 25%).
+
+Other jobs share this machine: each real run measures the cores they used meanwhile (the
+machine's busy time in /proc/stat less the deployment's and this process's), and the simulation
+of that run leaves them those cores.
+
+    .venv/bin/python benchmarks/sim_vs_real.py [--rates 10,inf] [--num-prompts 200]
+        [--policies none,load-aware] [--profile FILE] [--output results/sim_vs_real.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from server.bench import arrival_times, benchmark, build_requests, request_body
+from server.bench_metrics import aggregate
+from server.cli import build_parser
+from server.serve_process import ServeProcess
+from server.simulate.cli import simulate_rate
+from server.simulate.cluster import Workload
+from server.simulate.deployment import build, hardware, parse_serve_args
+
+# Decode KV capped (256 blocks of 16 tokens, as benchmarks/README's policy comparison) so that
+# offloading matters; the executor's pool is four times larger.
+SERVE = "--model tiny --num-kv-blocks 256 --offload-blocks 1024"
+TARGETS = {"output_throughput": 0.15, "median_tpot_ms": 0.15, "median_ttft_ms": 0.25}
+
+
+def profile(path: Path) -> None:
+    """`adrenaline profile` as a worker of `serve` runs: one torch thread (2 cores, 2 workers)."""
+    adrenaline = Path(sys.executable).parent / "adrenaline"
+    subprocess.run([str(adrenaline), "profile", "--model", "tiny", "--torch-threads", "1",
+                    "--output", str(path), "--log-level", "WARNING"], check=True)  # fmt: skip
+
+
+# What the machine does meanwhile ----------------------------------------------------------------
+
+
+def _descendants(pid: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
+    """Core-seconds every process on the machine has used (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class Background:
+    """The cores other jobs used while the benchmark ran: the machine's busy time less that of
+    the deployment's processes and of this one."""
+
+    def __init__(self, ours: set[int]) -> None:
+        self.ours = ours
+
+    def _ours(self) -> float:
+        return sum(_cpu_seconds(pid) for pid in self.ours) + time.process_time()
+
+    def __enter__(self) -> Background:
+        self.started = time.perf_counter()
+        self.machine, self.deployment = _machine_busy_seconds(), self._ours()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        elapsed = time.perf_counter() - self.started
+        ours = self._ours() - self.deployment
+        self.ours_cores = ours / elapsed
+        self.cores = max(0.0, (_machine_busy_seconds() - self.machine - ours) / elapsed)
+
+
+# The two runs -----------------------------------------------------------------------------------
+
+
+def bench_args(args, profile_path: Path) -> argparse.Namespace:
+    return build_parser().parse_args([
+        "simulate", "--num-prompts", str(args.num_prompts), "--max-input-len", "512",
+        "--max-output-len", "128", "--seed", "0", "--serve-args", SERVE,
+        "--profile", str(profile_path), *args.sim_args.split(),
+    ])  # fmt: skip
+
+
+def real_runs(args, bargs, profile_path: Path, policy: str, rates: list[float]) -> list[dict]:
+    flags = ["--offload-policy", policy, "--log-level", "WARNING", *SERVE.split(),
+             "--profile", str(profile_path)]  # fmt: skip
+    server = ServeProcess(flags, startup_timeout=600.0)
+    try:
+        ours = _descendants(server.proc.pid) | {server.proc.pid}
+        model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        requests = build_requests(bargs)
+        bodies = [request_body("/v1/completions", model, r, True) for r in requests]
+        rows = []
+        for rate in rates:
+            offsets = arrival_times(len(requests), rate, bargs.seed)
+            with Background(ours) as background:
+                records, duration = asyncio.run(benchmark(
+                    server.url + "/v1/completions", bodies, [r.prompt_len for r in requests],
+                    offsets, None, 3600.0, show_progress=False,
+                ))  # fmt: skip
+            row = aggregate(records, duration)
+            row.update(request_rate=rate, background_cores=background.cores,
+                       deployment_cores=background.ours_cores)  # fmt: skip
+            rows.append(row)
+        return rows
+    finally:
+        server.stop()
+
+
+def simulated_runs(bargs, policy: str, real: list[dict]) -> list[dict]:
+    serve = parse_serve_args(f"{SERVE} --profile {bargs.profile}", policy)
+    hw = hardware(bargs, serve)
+    sim, _ = build(bargs, serve, hw)
+    requests = build_requests(bargs)
+    workload = Workload([r.prompt_len for r in requests], [r.output_len for r in requests], [])
+    rows = []
+    for r in real:
+        sim.cpu.background = r["background_cores"]  # the other jobs of that real run
+        row = simulate_rate(sim, hw, workload, r["request_rate"], bargs)
+        row.pop("_requests")
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rates", default="10,inf")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--policies", default="none,load-aware")
+    p.add_argument("--profile", type=Path, default=None, help="reuse a profile of this machine")
+    p.add_argument("--sim-args", default="", help="extra simulate flags, e.g. --sim-hop-ms 0.3")
+    p.add_argument("--output", default="results/sim_vs_real.json")
+    p.add_argument(
+        "--resimulate",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="keep the real runs (and profile) of an earlier output; simulate again",
+    )
+    args = p.parse_args()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(args.resimulate.read_text()) if args.resimulate else None
+    profile_path = args.profile or out.with_suffix(".profile.json")
+    if earlier is not None:
+        profile_path.write_text(json.dumps(earlier["profile"]))
+    elif args.profile is None:
+        profile(profile_path)
+    bargs = bench_args(args, profile_path)
+    rates = [float(r) for r in args.rates.split(",")]
+    rows, real, sim = [], {}, {}
+    for policy in args.policies.split(","):
+        if earlier is not None:
+            real[policy] = earlier["real"][policy]
+        else:
+            real[policy] = real_runs(args, bargs, profile_path, policy, rates)
+        sim[policy] = simulated_runs(bargs, policy, real[policy])
+        rows += compare(policy, real[policy], sim[policy])
+    print_table(rows)
+    out.write_text(json.dumps({"rows": rows, "serve_args": SERVE, "sim_args": args.sim_args,
+                               "profile": json.loads(Path(profile_path).read_text()),
+                               "real": real, "simulated": _plain(sim)}, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+def compare(policy: str, real: list[dict], sim: list[dict]) -> list[dict]:
+    rows = []
+    for r, s in zip(real, sim):
+        row = {"policy": policy, "rate": r["request_rate"],
+               "background_cores": round(r["background_cores"], 2)}  # fmt: skip
+        for key in TARGETS:
+            row[key] = {"real": r[key], "simulated": s[key],
+                        "error": abs(s[key] - r[key]) / r[key] if r[key] else None}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'policy':<12}{'rate':>6}{'others':>8}"
+          + "".join(f"{f'{k} (<{t:.0%})':>36}" for k, t in TARGETS.items()))  # fmt: skip
+    for row in rows:
+        line = f"{row['policy']:<12}{row['rate']!s:>6}{row['background_cores']:>8.2f}"
+        for key in TARGETS:
+            cell = row[key]
+            err = "-" if cell["error"] is None else f"{cell['error']:.0%}"
+            line += f"{cell['real']:>12.1f} /{cell['simulated']:>10.1f} sim {err:>6}"
+        print(line)
+    print("others: cores other jobs on the machine used during that real run")
+
+
+def _plain(results: dict) -> dict:
+    return {p: [{k: v for k, v in r.items() if k != "tpots_ms"} for r in rows]
+            for p, rows in results.items()}  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""`adrenaline simulate`: `adrenaline bench`'s command line, answered by a simulated deployment
+(`--serve-args` describes it, as for `bench --compare`) on a simulated GPU (`--gpu`) or on the
+CPU an `adrenaline profile` measured (`--profile`). Prints bench's tables and writes bench's
+`--save-result` JSON, plus the paper's utilisation figures per role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from engine.config import ConfigError
+from scheduler.offload_policy import PolicyError
+from server.bench import (
+    BenchError,
+    add_bench_flags,
+    arrival_times,
+    build_requests,
+    check_args,
+    save_result,
+)
+from server.bench_compare import _jsonable, format_comparison, plot_comparison
+from server.bench_datasets import DatasetError
+from server.bench_metrics import format_table
+from server.simulate.cluster import Workload
+from server.simulate.deployment import Hardware, build, hardware, model_name, parse_serve_args
+from server.simulate.hardware import GPUS, HardwareError
+from server.simulate.report import bench_result, records
+
+log = logging.getLogger(__name__)
+
+UTILISATION_ROWS = [
+    ("prefill_hbm_capacity_used", "prefill HBM capacity used", "{:.1%}"),
+    ("prefill_hbm_bandwidth_used", "prefill HBM bandwidth used", "{:.1%}"),
+    ("decode_compute_used", "decode compute used", "{:.1%}"),
+    ("decode_batch_size", "decode batch size (mean)", "{:.1f}"),
+    ("offload_ratio", "offload ratio", "{:.2f}"),
+]
+
+
+def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "simulate", help="bench's experiment on a simulated deployment (GPU or profiled CPU)"
+    )
+    add_bench_flags(p)
+    for action in p._actions:  # the same flags; two of them mean what a simulation needs
+        if action.dest == "model":
+            action.help = "a preset or an HF config.json (default: --serve-args' --model)"
+        elif action.dest == "url":
+            action.help = "unused: nothing is sent (kept so a bench command line works as is)"
+    g = p.add_argument_group("simulated hardware (assumptions: README, 'adrenaline simulate')")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument(
+        "--gpu",
+        choices=sorted(GPUS),
+        default=None,
+        help="one GPU per worker, rooflines fitted to Vidur's A100/H100 timings",
+    )
+    where.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="the CPU `adrenaline profile` measured (default: the built-in one)",
+    )
+    g.add_argument(
+        "--sim-hop-ms",
+        type=float,
+        default=0.1,
+        help="one control message between processes (ZeroMQ)",
+    )
+    g.add_argument(
+        "--sim-http-ms",
+        type=float,
+        default=0.5,
+        help="client to router, and each streamed chunk back",
+    )
+    g.add_argument(
+        "--sim-sm-share", type=float, default=0.2, help="GPU: SMs an executor may use (paper: 20%%)"
+    )
+    g.add_argument(
+        "--sim-executor-bandwidth",
+        type=float,
+        default=0.6,
+        help="GPU: HBM bandwidth an executor reaches at that share (paper: 60%% at 20%%)",
+    )
+    g.add_argument(
+        "--sim-prefill-slowdown",
+        type=float,
+        default=None,
+        help="GPU: prefill time multiplier while its executor holds requests "
+        "(default 1 / (1 - SM share))",
+    )
+    g.add_argument(
+        "--sim-sync-us",
+        type=float,
+        default=None,
+        help="per layer, the decode-executor hand-over (default: GPU 10, CPU 150)",
+    )
+    g.add_argument(
+        "--sim-step-overhead-ms",
+        type=float,
+        default=None,
+        help="GPU: host time per step not hidden by the device (default 0.3 + 0.006 per row)",
+    )
+    c = p.add_argument_group("simulated CPU (with --profile: every role shares the cores)")
+    c.add_argument(
+        "--sim-cpu-cores",
+        type=float,
+        default=None,
+        help="cores the deployment's processes share (default: this machine's)",
+    )
+    c.add_argument(
+        "--sim-cpu-background",
+        type=float,
+        default=0.0,
+        help="cores other jobs on the machine use meanwhile (sim_vs_real measures it)",
+    )
+    # Measured here (benchmarks/README.md, sim_vs_real): CPU seconds per output token of the
+    # router and the bench client processes over a run of the tiny model.
+    c.add_argument(
+        "--sim-router-token-us", type=float, default=200.0, help="router CPU per streamed token"
+    )
+    c.add_argument(
+        "--sim-client-token-us",
+        type=float,
+        default=140.0,
+        help="benchmark client CPU per streamed token",
+    )
+    c.add_argument(
+        "--sim-request-ms",
+        type=float,
+        default=1.0,
+        help="router and client CPU per HTTP request, each",
+    )
+    g.add_argument("--sim-check-books", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    try:
+        check_args(args)
+        requests = build_requests(args)
+        serve = parse_serve_args(args.serve_args)
+        hw = hardware(args, serve)
+    except (BenchError, DatasetError, HardwareError, ConfigError, PolicyError) as exc:
+        print(f"adrenaline simulate: error: {exc}", file=sys.stderr)
+        return 2
+    workload = Workload([r.prompt_len for r in requests], [r.output_len for r in requests], [],
+                        args.max_concurrency)  # fmt: skip
+    try:
+        if args.compare:
+            return _compare(args, hw, workload)
+        return _single(args, serve, hw, workload)
+    except (HardwareError, ConfigError, PolicyError) as exc:
+        print(f"adrenaline simulate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _with_offsets(workload: Workload, rate: float, seed: int) -> Workload:
+    offsets = arrival_times(len(workload.prompt_lens), rate, seed)
+    return Workload(workload.prompt_lens, workload.output_lens, offsets, workload.max_concurrency)
+
+
+def simulate_rate(sim, hw: Hardware, workload: Workload, rate: float, args) -> dict:
+    started = time.perf_counter()
+    reqs = sim.run(_with_offsets(workload, rate, args.seed))
+    wall = time.perf_counter() - started
+    row = bench_result(sim, reqs, sim.client.duration, args.slo_ttft_ms, args.slo_tpot_ms)
+    utilisation = sim.meter.utilisation(sim, hw.device)
+    log.info("simulated %d requests at %g req/s in %.1f s wall (%d events)", len(reqs), rate,
+             wall, sim.loop.events)  # fmt: skip
+    row.update(
+        max_decode_batch=sim.meter.max_decode_batch,
+        offload_ratio=utilisation["offload_ratio"],
+        request_rate=rate,
+        tpots_ms=[r.tpot * 1000 for r in records(reqs) if r.success and r.tpot],
+        simulated={**utilisation, "hardware": hw.description, "wall_s": round(wall, 2)},
+    )
+    row["_requests"] = reqs
+    return row
+
+
+def _single(args, serve, hw: Hardware, workload: Workload) -> int:
+    sim, _ = build(args, serve, hw)
+    row = simulate_rate(sim, hw, workload, args.request_rate, args)
+    reqs = row.pop("_requests")
+    print(format_table(row, args.request_rate, args.max_concurrency), flush=True)
+    print(format_utilisation({"simulated": [row]}, [args.request_rate]), flush=True)
+    if args.save_result:
+        result = {k: v for k, v in row.items() if k not in ("tpots_ms",)}
+        save_result(args.save_result, args, model_name(args, serve), result, records(reqs))
+        if not sim.config.keep_itls:
+            _note_itls_omitted(args.save_result)
+    return 0 if row["completed"] else 1
+
+
+def _compare(args, hw: Hardware, workload: Workload) -> int:
+    policies = [p.strip() for p in args.compare.split(",") if p.strip()]
+    rates = [float(r) for r in (args.request_rates or str(args.request_rate)).split(",")]
+    results: dict[str, list[dict]] = {}
+    for policy in policies:
+        serve = parse_serve_args(args.serve_args, policy)
+        sim, _ = build(args, serve, hw)  # a fresh deployment per policy, rates in turn on it
+        for rate in rates:
+            row = simulate_rate(sim, hw, workload, rate, args)
+            row.pop("_requests")
+            row["policy"] = policy
+            results.setdefault(policy, []).append(row)
+    print(format_comparison(results, rates), flush=True)
+    print(format_utilisation(results, rates), flush=True)
+    if args.save_result:
+        Path(args.save_result).write_text(json.dumps(_jsonable(results), indent=2))
+    if args.plot:
+        plot_comparison(results, args.plot)
+    return 0
+
+
+def format_utilisation(results: dict[str, list[dict]], rates: list[float]) -> str:
+    """The paper's figures per policy (simulated), one block per rate."""
+    names = list(results)
+    lines = []
+    for i, rate in enumerate(rates):
+        lines.append(f"---- simulated utilisation, {rate:g} req/s " + "-" * 24)
+        lines.append(f"{'':<30}" + "".join(f"{p:>16}" for p in names))
+        for key, label, fmt in UTILISATION_ROWS:
+            cells = []
+            for p in names:
+                value = results[p][i]["simulated"].get(key)
+                cells.append("-" if value is None else fmt.format(value))
+            lines.append(f"{label:<30}" + "".join(f"{c:>16}" for c in cells))
+    hardware = results[names[0]][0]["simulated"]["hardware"]
+    lines.append(f"(simulated on {hardware})")
+    return "\n".join(lines)
+
+
+def _note_itls_omitted(path: str) -> None:
+    """Large runs keep no per-request gaps (ITL statistics count every gap regardless)."""
+    data = json.loads(Path(path).read_text())
+    data["itls_omitted"] = True
+    Path(path).write_text(json.dumps(data, indent=2))

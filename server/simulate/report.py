@@ -1,0 +1,147 @@
+"""What a simulated run reports: `adrenaline bench`'s figures from the requests' timestamps
+(server.bench_metrics, unchanged), and the paper's utilisation figures per role metered from
+each step: prefill HBM capacity and bandwidth used, decode compute used, decode batch size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.bench_metrics import PERCENTILES, RequestRecord, aggregate
+from server.simulate.hardware import GPU
+
+
+class Meter:
+    """Sums over one run's window (begin .. end) of what the workers' steps did."""
+
+    def __init__(self) -> None:
+        self.begin_at = self.end_at = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.prefill_bytes = self.prefill_flops = self.prefill_busy_s = 0.0
+        self.executor_bytes = 0.0
+        self.decode_flops = self.decode_bytes = self.decode_busy_s = 0.0
+        self.decode_row_seconds = 0.0
+        self.decode_steps = 0
+        self.max_decode_batch = 0
+        self.prefill_used_blocks: list[int] = []  # sampled at each prefill heartbeat
+        self.decode_used_blocks: list[int] = []
+
+    def begin(self, sim) -> None:
+        self._reset()
+        self.begin_at = sim.loop.now
+        sim.itl_counts.clear()
+        self.offloaded_before = sim.router.counters.offloaded
+        self.finished_before = sim.router.counters.finished
+
+    def end(self, sim) -> None:
+        self.end_at = sim.loop.now
+        self.offloaded = sim.router.counters.offloaded - self.offloaded_before
+        self.finished = sim.router.counters.finished - self.finished_before
+
+    def prefill_step(self, worker, t, ms: float) -> None:
+        self.prefill_bytes += t.bytes
+        self.prefill_flops += t.flops
+        self.prefill_busy_s += ms / 1000
+
+    def executor_step(self, executor, kv_bytes: float) -> None:
+        self.executor_bytes += kv_bytes
+
+    def decode_step(self, worker, t, rows: int, seconds: float) -> None:
+        self.decode_flops += t.flops
+        self.decode_bytes += t.bytes
+        self.decode_busy_s += seconds
+        self.decode_row_seconds += rows * seconds
+        self.decode_steps += 1
+
+    def heartbeat(self, sim, process, stats) -> None:
+        if process.role == "decode":
+            self.max_decode_batch = max(self.max_decode_batch, stats.num_running)
+            self.decode_used_blocks.append(stats.num_blocks - stats.num_free_blocks)
+        elif process.role == "prefill":
+            used = stats.num_blocks - stats.num_free_blocks
+            if process.executor is not None:
+                ex = process.executor.blocks
+                used += ex.num_blocks - ex.num_free_blocks
+            self.prefill_used_blocks.append(used)
+
+    def utilisation(self, sim, device: GPU | None) -> dict:
+        """The paper's four figures (fractions of the device), the offload ratio, and the
+        absolute rates behind them."""
+        cfg = sim.config
+        duration = max(self.end_at - self.begin_at, 1e-9)
+        weights = sim.shape.weight_bytes
+        prefill_kv = float(np.mean(self.prefill_used_blocks or [0])) * sim.block_bytes
+        decode_kv = float(np.mean(self.decode_used_blocks or [0])) * sim.block_bytes
+        prefill_bw = (self.prefill_bytes + self.executor_bytes) / duration / cfg.num_prefill
+        decode_flops = self.decode_flops / duration / cfg.num_decode
+        out = {
+            "prefill_hbm_capacity_used": None,
+            "prefill_hbm_bandwidth_used": None,
+            "decode_compute_used": None,
+            "decode_batch_size": self.decode_row_seconds / self.decode_busy_s
+            if self.decode_busy_s
+            else 0.0,
+            "offload_ratio": self.offloaded / max(1, self.finished),
+            "prefill_kv_bytes": prefill_kv,
+            "decode_kv_bytes": decode_kv,
+            "prefill_bandwidth_bytes_per_s": prefill_bw,
+            "decode_flops_per_s": decode_flops,
+            "prefill_busy": self.prefill_busy_s / duration / cfg.num_prefill,
+            "decode_busy": self.decode_busy_s / duration / cfg.num_decode,
+        }
+        if device is not None:
+            out["prefill_hbm_capacity_used"] = (weights + prefill_kv) / device.hbm_bytes
+            out["prefill_hbm_bandwidth_used"] = prefill_bw / device.hbm_bandwidth
+            out["decode_compute_used"] = decode_flops / device.peak_flops
+        return out
+
+
+def records(requests) -> list[RequestRecord]:
+    out = []
+    for r in requests:
+        ok = not r.error
+        out.append(
+            RequestRecord(
+                prompt_len=r.prompt_tokens,
+                success=ok,
+                error=r.error,
+                output_tokens=r.output_tokens if ok else 0,
+                ttft=r.ttft if ok else 0.0,
+                itl=list(r.itl or []),
+                e2el=r.e2el if ok else 0.0,
+            )  # fmt: skip
+        )
+    return out
+
+
+def weighted_summary(counts: dict[float, int]) -> dict[str, float]:
+    """server.bench_metrics.summarize over a multiset {value: count} of seconds, exactly as
+    numpy's linear-interpolated percentiles over the expanded list."""
+    if not counts:
+        return {"mean": 0.0, **{name: 0.0 for name, _ in PERCENTILES}}
+    values = np.array(sorted(counts), dtype=np.float64) * 1000.0
+    weights = np.array([counts[v] for v in sorted(counts)], dtype=np.float64)
+    cumulative = np.cumsum(weights)
+    total = cumulative[-1]
+
+    def at(index: float) -> float:  # the index-th value of the expanded, sorted list
+        return float(values[np.searchsorted(cumulative, index, side="right")])
+
+    stats = {"mean": float((values * weights).sum() / total)}
+    for name, q in PERCENTILES:
+        position = q / 100 * (total - 1)
+        lo, hi = np.floor(position), np.ceil(position)
+        low, high = at(lo), at(hi)
+        stats[name] = low + (high - low) * (position - lo)
+    return stats
+
+
+def bench_result(sim, requests, duration: float, slo_ttft_ms, slo_tpot_ms) -> dict:
+    """`adrenaline bench`'s aggregate; ITL from every token's gap (counted, not listed)."""
+    recs = records(requests)
+    result = aggregate(recs, duration, slo_ttft_ms, slo_tpot_ms)
+    for stat, value in weighted_summary(sim.itl_counts).items():
+        result[f"{stat}_itl_ms"] = value
+    return result

@@ -1,0 +1,40 @@
+"""A small version of benchmarks/sim_vs_real.py: the simulator's prediction of a real
+`adrenaline serve --model tiny` on this machine (profiled first), at a light and a saturating
+rate. Bounds are tolerant: other jobs share these cores (the test measures their load and gives
+it to the simulation); the benchmark reports the tight comparison."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.sim_vs_real import SERVE, bench_args, real_runs, simulated_runs
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("profile") / "tiny.json"
+    adrenaline = Path(sys.executable).parent / "adrenaline"
+    subprocess.run([str(adrenaline), "profile", "--model", "tiny", "--quick", "--torch-threads",
+                    "1", "--output", str(path), "--log-level", "WARNING"], check=True)  # fmt: skip
+    return path
+
+
+def test_simulation_tracks_the_real_server(profile_path):
+    class Args:
+        num_prompts, sim_args = 60, ""
+
+    bargs = bench_args(Args, profile_path)
+    real = real_runs(Args, bargs, profile_path, "none", [10.0, float("inf")])
+    sim = simulated_runs(bargs, "none", real)
+    light, saturated = zip(real, sim)
+    for r, s in (light, saturated):
+        assert r["completed"] == s["completed"] == 60, SERVE
+    # Light load: throughput follows the arrivals; TPOT is one decode step or so.
+    assert sim[0]["output_throughput"] == pytest.approx(real[0]["output_throughput"], rel=0.3)
+    assert 0.5 < sim[0]["median_tpot_ms"] / real[0]["median_tpot_ms"] < 2.0
+    # Saturated: the decode worker's capacity, shared with the other roles on these cores.
+    assert 0.6 < sim[1]["output_throughput"] / real[1]["output_throughput"] < 1.6
