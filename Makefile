@@ -1,29 +1,35 @@
 # Two entry points: `make serve` (a working server on the embedded default model, CPU) and
-# `make test` (the whole suite). Both bootstrap a virtual environment in .venv first.
+# `make test` (the whole suite). Both bootstrap a virtual environment in .venv first: serve with
+# the runtime dependencies alone (what `pip install adrenaline` brings), test with the test extras.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+TEST_STAMP := $(VENV)/.installed-test
 ARGS ?=
 
 .PHONY: serve test lint bootstrap clean gpu-wheelhouse
 
-bootstrap: $(STAMP)
+bootstrap: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	touch $(RUNTIME_STAMP)
 
-serve: $(STAMP)
+$(TEST_STAMP): $(RUNTIME_STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
+
+serve: $(RUNTIME_STAMP)
 	$(VENV)/bin/adrenaline serve $(ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -ra $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 
 # Wheels for a GPU machine without PyPI (CPython 3.12, x86_64) holding what scripts/gpu_check.sh

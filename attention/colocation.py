@@ -6,7 +6,7 @@ Applied once at the executor's start-up: through CUDA MPS when its control daemo
 torch green context, else not at all (logged). An MPS client reads its share from the
 environment when CUDA first initialises in the process, which may be before this runs (a flag
 check that asks torch for devices does it): `mps_environment` says what the process must be
-started again with (server.roles does so). The share in force is `applied_share()`, which the
+started again with (server.roles.entry_points does so). The share in force is `applied_share()`, which the
 executor reports in its stats.
 """
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transport.attention_channel import BadLinkEndpoint, ExecutorSideLink, link_dims
-from transport.kv_transfer import dtype_to_str
+from transport.kv_transfer_base import dtype_to_str
 from transport.messages import AttachLink, AttentionStep, ReleaseOffloaded
 from transport.security import ClusterKey
 

@@ -19,16 +19,19 @@ import msgspec
 import torch
 import zmq
 
-from attention import colocation, gpu_signal
+from attention import colocation
 from attention.backend import AttentionBackend
 from attention.executor import AttentionExecutor, StepError
 from attention.executor_links import ExecutorLinks, LinkRejected, LinkShape
 from attention.executor_links import open_executor_link as open_executor_link
 from attention.step_timer import SpanTimer
 from engine.kv_cache import OutOfBlocksError
+from transport import gpu_signal
 from transport.attention_channel import ChannelTimeout
+from transport.cuda_ipc_transfer import current_gpu_uuid
 from transport.heartbeat import HeartbeatThread, SharedSocket, StepProgress, host_identity
-from transport.kv_transfer import dtype_to_str, open_peer_pool
+from transport.kv_transfer import open_peer_pool
+from transport.kv_transfer_base import dtype_to_str
 from transport.messages import (
     Abort,
     AttachLink,
@@ -93,6 +96,7 @@ class ExecutorWorker:
         self.router_link = SharedSocket(self.router)
         self.progress = StepProgress()
         self.host = host_identity()
+        self.gpu_uuid = current_gpu_uuid()  # "" on CPU; peers pick CUDA IPC or NCCL by it
         # With a cluster key only deployment members reach the step socket at all.
         self.auth = start_authenticator(self.ctx, cluster_key)
         self.steps = self.ctx.socket(zmq.ROUTER)
@@ -166,6 +170,7 @@ class ExecutorWorker:
                 attention_address=self.address,
                 progress=self.progress.snapshot(),
                 host=self.host,
+                gpu_uuid=self.gpu_uuid,
             )
         )
 

@@ -1,7 +1,7 @@
 """What the model needs from offloaded attention, as seen from the decode worker: a step's
 rows for each executor go out layer by layer, and their outputs come back.
 
-The implementation (server/offload_client.py) moves the tensors; the model only slices rows:
+The implementation (server/roles/offload_client.py) moves the tensors; the model only slices rows:
 a step's tokens are laid out [prefill chunks | local decodes | offloaded decodes by executor].
 """
 
@@ -33,6 +33,10 @@ class RemoteStep(Protocol):
 
 
 class RemoteAttention(Protocol):
+    """A client may set `graph_safe = True` when its steps' per-layer send/receive only enqueue
+    device work that reads per-step state (sequence numbers) from device memory: decode steps
+    with offloaded rows are then captured in CUDA graphs too. Without it they run eagerly."""
+
     def begin_step(
         self, num_local_tokens: int, groups: list[tuple[str, list[tuple[str, int]]]]
     ) -> RemoteStep:

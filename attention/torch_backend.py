@@ -11,58 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from attention.backend import AttentionBackend, AttentionMetadata
-
-
-def gather_kv(
-    cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    block_table: torch.Tensor,  # [max_blocks] int32
-    seq_len: int,
-) -> torch.Tensor:  # [seq_len, num_kv_heads, head_dim]
-    block_size = cache.shape[1]
-    num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks].long())
-    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+from attention.prefill_sdpa import prefill_attention
 
 
 class TorchAttention(AttentionBackend):
     name = "torch"
 
     def prefill(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        out = torch.empty_like(q)
-        start = 0
-        for i, (q_len, seq_len) in enumerate(
-            zip(meta.prefill_query_lens_host, meta.prefill_seq_lens_host)
-        ):
-            end = start + q_len
-            if seq_len == q_len:
-                keys, values = k[start:end], v[start:end]
-            else:
-                table = meta.prefill_block_tables[i]
-                keys = gather_kv(k_cache, table, seq_len)
-                values = gather_kv(v_cache, table, seq_len)
-            out[start:end] = self._causal(q[start:end], keys, values)
-            start = end
-        return out
-
-    def _causal(self, q, keys, values) -> torch.Tensor:
-        # q holds the last q_len positions of a seq_len-long sequence. 4-D inputs with
-        # enable_gqa take SDPA's flash kernel on CPU (3-D ones its math kernel, several times
-        # slower), and grouped-query heads need no copies of K and V.
-        q_len, seq_len = q.shape[0], keys.shape[0]
-        mask = None
-        if q_len != seq_len:
-            query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-            mask = query_pos[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),
-            keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        return out.squeeze(0).transpose(0, 1)
+        return prefill_attention(q, k, v, k_cache, v_cache, meta, self.scale)
 
     def decode(self, q, k_cache, v_cache, seq_lens, block_tables, max_seq_len) -> torch.Tensor:
         # The whole batch at once, every sequence padded to the longest one's blocks, and still

@@ -60,7 +60,8 @@ def _executor_op(op: str, heads: int, kv_heads: int, head_dim: int, max_rows: in
 
 
 def _roundtrip_child(path: str, shape, rows_plan, op: str, device: str, endpoint, port_q) -> None:
-    """The executor side: answers sum(rows_plan counts) layers, in order."""
+    """The executor side: answers sum(rows_plan counts) layers, in order, each a one-layer step
+    run as the executor worker runs one (begin_step, receive, respond, check)."""
     torch.set_num_threads(1)
     heads, kv_heads, head_dim = shape
     max_rows = max(r for r, _ in rows_plan)
@@ -86,9 +87,14 @@ def _roundtrip_child(path: str, shape, rows_plan, op: str, device: str, endpoint
         ctx.term()
         return
     link = ExecutorSideLink(endpoint) if path == "shm" else _cuda_executor_link(endpoint)
-    for seq in range(1, total + 1):
-        q, k, v = link.receive(seq, 30.0)
-        link.respond(seq, attend(q, k, v))
+    seq = 0
+    for rows, count in rows_plan:
+        for _ in range(count):
+            seq += 1
+            link.begin_step(seq - 1, rows, seq)  # step seq - 1 of one layer: seq_no seq
+            q, k, v = link.receive(seq, 30.0)
+            link.respond(seq, attend(q, k, v))
+            link.check()
     link.close()
 
 
@@ -154,11 +160,11 @@ def measure_roundtrips(path: str, shape, batches, warmup, iters, op, device) -> 
             for i in range(count):
                 seq += 1
                 start = time.perf_counter_ns()
-                if link is not None:
+                if link is not None:  # one step of one layer, as OffloadClient runs a step
+                    link.begin_step(seq - 1, seq)
                     link.post(seq, q, k, v)
-                    out = link.collect(seq, 0, rows, 30.0)
-                    if hasattr(link, "check"):  # a GPU link's collect only enqueues the wait
-                        link.check(None)
+                    out = link.collect(seq, seq - 1, rows, 30.0)
+                    link.check()
                 else:
                     frames = [t.cpu().contiguous().numpy() for t in (q, k, v)]
                     sock.send_multipart(frames, copy=False)
@@ -244,7 +250,7 @@ class StepBench:
     def __init__(self, model: str, max_batch: int, prompt_len: int, steps: int) -> None:
         from engine.engine import LLMEngine
         from engine.llm import build_engine_config
-        from server.offload_client import OffloadClient
+        from server.roles.offload_client import OffloadClient
 
         self.prompt_len, self.steps = prompt_len, steps
         blocks = max_batch * ((prompt_len + steps + 16) // 16 + 1) + 8

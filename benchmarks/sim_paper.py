@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.bench import build_requests
+from server.bench.client import build_requests
 from server.cli import build_parser
 from server.simulate.cli import simulate_rate
 from server.simulate.cluster import Workload
@@ -144,6 +144,13 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     p.add_argument("--skip-64", action="store_true", help="only the 1P1D settings")
     p.add_argument("--output", default="results/sim_paper.json")
+    p.add_argument(
+        "--split-requests",
+        default=None,
+        metavar="NONE,LOAD_AWARE",
+        help="requests per 64-GPU split, per policy (default 20000,3000)",
+    )
+    p.add_argument("--timed-requests", type=int, default=None, help="default 100000")
     args = p.parse_args()
     n = {"sharegpt": 400, "reasoning": 150} if args.quick else {"sharegpt": 3000, "reasoning": 800}
     out = Path(args.output)
@@ -166,13 +173,15 @@ def main() -> int:
             if args.quick
             else {"none": 20000, "load-aware": 3000}
         )
+        if args.split_requests:
+            sizes = dict(zip(("none", "load-aware"), map(int, args.split_requests.split(","))))
         if "split_search" not in report:
             report["split_search"] = split_search("a100-80g", "llama-2-13b", sizes, splits)
             out.write_text(json.dumps(report, indent=2))
         best = report["split_search"]["none"]["best"]
         rate = round(0.9 * best["request_throughput"], 1)
-        report["timed_run"] = timed_run("a100-80g", "llama-2-13b", "none", best, rate,
-                                        10000 if args.quick else 100000)  # fmt: skip
+        timed = args.timed_requests or (10000 if args.quick else 100000)
+        report["timed_run"] = timed_run("a100-80g", "llama-2-13b", "none", best, rate, timed)
         print(json.dumps({k: report[k] for k in ("split_search", "timed_run")}, indent=2))
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")

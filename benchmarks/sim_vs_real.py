@@ -20,15 +20,18 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
-from server.bench import arrival_times, benchmark, build_requests, request_body
-from server.bench_metrics import aggregate
+from scheduler.cost_model import CostModel
+from server.bench.client import arrival_times, benchmark, build_requests, request_body
+from server.bench.metrics import aggregate
 from server.cli import build_parser
-from server.serve_process import ServeProcess
+from server.launch.serve_process import ServeProcess
 from server.simulate.cli import simulate_rate
 from server.simulate.cluster import Workload
 from server.simulate.deployment import build, hardware, parse_serve_args
@@ -39,11 +42,32 @@ SERVE = "--model tiny --num-kv-blocks 256 --offload-blocks 1024"
 TARGETS = {"output_throughput": 0.15, "median_tpot_ms": 0.15, "median_ttft_ms": 0.25}
 
 
-def profile(path: Path) -> None:
-    """`adrenaline profile` as a worker of `serve` runs: one torch thread (2 cores, 2 workers)."""
+def profile(path: Path, quick: bool = False) -> float:
+    """`adrenaline profile` as a worker of `serve` runs: one torch thread (2 cores, 2 workers).
+    Returns the runnable processes other jobs kept meanwhile: its times are wall-clock, so they
+    include its share of the cores against them."""
     adrenaline = Path(sys.executable).parent / "adrenaline"
-    subprocess.run([str(adrenaline), "profile", "--model", "tiny", "--torch-threads", "1",
-                    "--output", str(path), "--log-level", "WARNING"], check=True)  # fmt: skip
+    proc = subprocess.Popen([str(adrenaline), "profile", "--model", "tiny", "--torch-threads",
+                             "1", "--output", str(path), "--log-level", "WARNING",
+                             *(["--quick"] if quick else [])])  # fmt: skip
+    with Background({proc.pid}) as background:
+        if proc.wait() != 0:
+            raise RuntimeError(f"adrenaline profile exited with {proc.returncode}")
+    return background.competitors
+
+
+def alone(model: CostModel, competitors: float | None, cores: float) -> CostModel:
+    """The profile's times on a core of its own: under fair sharing with `competitors` other
+    runnable processes it ran at min(1, cores / (1 + competitors)) of a core."""
+    if not competitors:
+        return model
+    speed = min(1.0, cores / (1.0 + competitors))
+
+    def scaled(coefficients):
+        return tuple(c * speed for c in coefficients)
+
+    return replace(model, decode=scaled(model.decode), attention=scaled(model.attention),
+                   prefill=scaled(model.prefill))  # fmt: skip
 
 
 # What the machine does meanwhile ----------------------------------------------------------------
@@ -80,26 +104,56 @@ def _machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _runnable_threads() -> int:
+    """Threads runnable on the machine now, this one included (/proc/stat procs_running)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("procs_running"):
+            return int(line.split()[1])
+    return 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+    except OSError:
+        return False
+
+
 class Background:
-    """The cores other jobs used while the benchmark ran: the machine's busy time less that of
-    the deployment's processes and of this one."""
+    """What other jobs did while the benchmark ran: the cores they used (the machine's busy time
+    less that of the deployment's processes and of this one), and the runnable processes they
+    kept, sampled every SAMPLE_S (the machine's runnable threads less ours and the sampler)."""
+
+    SAMPLE_S = 0.02
 
     def __init__(self, ours: set[int]) -> None:
         self.ours = ours
+        self._samples: list[int] = []
+        self._stop = threading.Event()
 
     def _ours(self) -> float:
         return sum(_cpu_seconds(pid) for pid in self.ours) + time.process_time()
 
+    def _sample(self) -> None:
+        while not self._stop.wait(self.SAMPLE_S):
+            mine = sum(_running(pid) for pid in self.ours | {os.getpid()})
+            self._samples.append(max(0, _runnable_threads() - mine - 1))
+
     def __enter__(self) -> Background:
         self.started = time.perf_counter()
         self.machine, self.deployment = _machine_busy_seconds(), self._ours()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
         elapsed = time.perf_counter() - self.started
         ours = self._ours() - self.deployment
         self.ours_cores = ours / elapsed
         self.cores = max(0.0, (_machine_busy_seconds() - self.machine - ours) / elapsed)
+        self.competitors = sum(self._samples) / max(1, len(self._samples))
 
 
 # The two runs -----------------------------------------------------------------------------------
@@ -132,22 +186,33 @@ def real_runs(args, bargs, profile_path: Path, policy: str, rates: list[float]) 
                 ))  # fmt: skip
             row = aggregate(records, duration)
             row.update(request_rate=rate, background_cores=background.cores,
-                       deployment_cores=background.ours_cores)  # fmt: skip
+                       deployment_cores=background.ours_cores,
+                       competitors=background.competitors)  # fmt: skip
             rows.append(row)
         return rows
     finally:
         server.stop()
 
 
-def simulated_runs(bargs, policy: str, real: list[dict]) -> list[dict]:
+def simulated_runs(
+    bargs, policy: str, real: list[dict], profile_competitors: float | None = None
+) -> list[dict]:
     serve = parse_serve_args(f"{SERVE} --profile {bargs.profile}", policy)
     hw = hardware(bargs, serve)
+    # The steps' own cost, without the other jobs of the profiling run; the router's policy
+    # still gets the profile as measured, as the real router does.
+    hw.cost.model = alone(hw.cost.model, profile_competitors, float(os.cpu_count() or 1))
     sim, _ = build(bargs, serve, hw)
     requests = build_requests(bargs)
     workload = Workload([r.prompt_len for r in requests], [r.output_len for r in requests], [])
     rows = []
     for r in real:
-        sim.cpu.background = r["background_cores"]  # the other jobs of that real run
+        # The other jobs of that real run: their runnable processes share the cores fairly
+        # with ours (runs recorded before that was measured: the cores they used).
+        if r.get("competitors") is not None:
+            sim.cpu.background, sim.cpu.competitors = 0.0, r["competitors"]
+        else:
+            sim.cpu.background = r["background_cores"]
         row = simulate_rate(sim, hw, workload, r["request_rate"], bargs)
         row.pop("_requests")
         rows.append(row)
@@ -174,23 +239,30 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     earlier = json.loads(args.resimulate.read_text()) if args.resimulate else None
     profile_path = args.profile or out.with_suffix(".profile.json")
+    profile_competitors = None
     if earlier is not None:
         profile_path.write_text(json.dumps(earlier["profile"]))
+        profile_competitors = earlier.get("profile_competitors")
     elif args.profile is None:
-        profile(profile_path)
+        profile_competitors = profile(profile_path)
     bargs = bench_args(args, profile_path)
     rates = [float(r) for r in args.rates.split(",")]
     rows, real, sim = [], {}, {}
     for policy in args.policies.split(","):
-        if earlier is not None:
+        if earlier is not None and policy in earlier["real"]:
             real[policy] = earlier["real"][policy]
         else:
             real[policy] = real_runs(args, bargs, profile_path, policy, rates)
-        sim[policy] = simulated_runs(bargs, policy, real[policy])
+            # Kept as they come: `--resimulate` of a stopped run still has these.
+            out.write_text(json.dumps({"real": real, "serve_args": SERVE,
+                                       "profile": json.loads(profile_path.read_text()),
+                                       "profile_competitors": profile_competitors}))  # fmt: skip
+        sim[policy] = simulated_runs(bargs, policy, real[policy], profile_competitors)
         rows += compare(policy, real[policy], sim[policy])
     print_table(rows)
     out.write_text(json.dumps({"rows": rows, "serve_args": SERVE, "sim_args": args.sim_args,
                                "profile": json.loads(Path(profile_path).read_text()),
+                               "profile_competitors": profile_competitors,
                                "real": real, "simulated": _plain(sim)}, indent=2))  # fmt: skip
     print(f"wrote {out}")
     return 0
@@ -200,7 +272,8 @@ def compare(policy: str, real: list[dict], sim: list[dict]) -> list[dict]:
     rows = []
     for r, s in zip(real, sim):
         row = {"policy": policy, "rate": r["request_rate"],
-               "background_cores": round(r["background_cores"], 2)}  # fmt: skip
+               "background_cores": round(r["background_cores"], 2),
+               "competitors": r.get("competitors")}  # fmt: skip
         for key in TARGETS:
             row[key] = {"real": r[key], "simulated": s[key],
                         "error": abs(s[key] - r[key]) / r[key] if r[key] else None}  # fmt: skip
@@ -209,16 +282,20 @@ def compare(policy: str, real: list[dict], sim: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'policy':<12}{'rate':>6}{'others':>8}"
+    print(f"{'policy':<12}{'rate':>6}{'others':>8}{'runnable':>9}"
           + "".join(f"{f'{k} (<{t:.0%})':>36}" for k, t in TARGETS.items()))  # fmt: skip
     for row in rows:
-        line = f"{row['policy']:<12}{row['rate']!s:>6}{row['background_cores']:>8.2f}"
+        runnable = "-" if row.get("competitors") is None else f"{row['competitors']:.1f}"
+        line = f"{row['policy']:<12}{row['rate']!s:>6}{row['background_cores']:>8.2f}{runnable:>9}"
         for key in TARGETS:
             cell = row[key]
             err = "-" if cell["error"] is None else f"{cell['error']:.0%}"
             line += f"{cell['real']:>12.1f} /{cell['simulated']:>10.1f} sim {err:>6}"
         print(line)
-    print("others: cores other jobs on the machine used during that real run")
+    print(
+        "others: cores other jobs on the machine used during that real run; runnable: the"
+        " processes they kept runnable (the simulation shares the cores fairly with them)"
+    )
 
 
 def _plain(results: dict) -> dict:

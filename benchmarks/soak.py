@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from server.serve_process import ServeProcess
+from server.launch.serve_process import ServeProcess
 
 
 def bench_round(url: str, args: argparse.Namespace, seed: int, out: Path) -> dict:

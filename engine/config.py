@@ -141,4 +141,8 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    # On CUDA, decode steps replay graphs captured per batch-size bucket unless enforce_eager.
     enforce_eager: bool = False
+    # Pads decode steps to a graph's bucket even without graphs (CPU, enforce_eager): the same
+    # bookkeeping a replay needs, run eagerly. Off by default: padding rows cost compute there.
+    pad_decode: bool = False

@@ -27,6 +27,7 @@ from engine.sequence import (
     SequenceStatus,
 )
 from engine.step_timing import StepTiming
+from engine.structured_output import GrammarCache
 from engine.tokenizer import Tokenizer, detokenize, find_stop, partial_stop_len
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     logprobs: list[float] | None = None
+    # With top_logprobs: the best alternatives of each token in `logprobs`' tail (all of them
+    # offline; a request continued from elsewhere has only those sampled here).
+    top_logprobs: list | None = None
+    # With prompt_logprobs: per prompt token after the first, (logprob, rank, alternatives);
+    # complete from the output carrying the first token on (empty for a continued request).
+    prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
     # Set when prefill stopped after the first token to hand the request to a decode worker.
     handoff: bool = False
@@ -108,6 +115,9 @@ class LLMEngine:
         self.timing = StepTiming()
         self.num_reclaimed = 0  # offloaded requests taken back from a failed executor
         self._seed_source = random.Random(config.seed)
+        self.grammars = GrammarCache(
+            self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
+        )
 
     def _fit_max_model_len(self, config: EngineConfig) -> EngineConfig:
         cfg = self.model_config
@@ -151,6 +161,8 @@ class LLMEngine:
         ):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
         params.validate()
+        if any(not 0 <= t < vocab for t in params.logit_bias or {}):
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
         seq = self._new_sequence(request_id, prompt_token_ids, params)
         seq.handoff = handoff
         if resume is not None:
@@ -166,6 +178,8 @@ class LLMEngine:
         if not params.greedy:
             seq.seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
             seq.generator = torch.Generator(device=self.runner.device)
+        if params.structured is not None:
+            seq.grammar = self.grammars.new_state(params.structured)
         return seq
 
     def _continue_from(
@@ -212,9 +226,11 @@ class LLMEngine:
             seq.num_computed_tokens += num_new
             if not seq.executor:
                 self.block_manager.commit_computed_blocks(seq)
+        for seq, entries in result.prompt_logprobs:
+            seq.prompt_logprobs += entries
         outputs = []
-        for seq, token, logprob in result.sampled:
-            seq.append_token(token, logprob)
+        for seq, token, logprob, top in result.sampled:
+            seq.append_token(token, logprob, top)
             self._check_finished(seq)
             if seq.handoff and not seq.is_finished:
                 self.batcher.hold(seq)
@@ -228,18 +244,31 @@ class LLMEngine:
         token = seq.token_ids[-1]
         final_before = detokenize(self.tokenizer, seq)
         reason = None
+        # As vLLM: before min_tokens, neither stop strings nor stop tokens end a request.
+        may_stop = seq.num_output_tokens >= params.min_tokens
         stop_at = find_stop(seq.text, params.stop, final_before) if params.stop else -1
-        if stop_at != -1:
+        if may_stop and stop_at != -1:
             seq.text = seq.text[:stop_at]
             reason = FinishReason.STOP
-        elif token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.model_config.eos_token_ids
+        elif may_stop and (
+            token in params.stop_token_ids
+            or (not params.ignore_eos and token in self.model_config.eos_token_ids)
         ):
+            reason = FinishReason.STOP
+        elif self._grammar_done(seq):
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
+
+    @staticmethod
+    def _grammar_done(seq: Sequence) -> bool:
+        """Advances the request's matcher past its newest token; a complete grammar ends it."""
+        if seq.grammar is None:
+            return False
+        seq.grammar.sync(seq.output_token_ids)
+        return seq.grammar.done
 
     def _output(self, seq: Sequence) -> RequestOutput:
         finished = seq.is_finished
@@ -265,6 +294,8 @@ class LLMEngine:
             finished=finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             logprobs=list(seq.output_logprobs) if seq.params.logprobs else None,
+            top_logprobs=list(seq.output_top_logprobs) if seq.params.top_logprobs else None,
+            prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
             num_cached_tokens=seq.num_cached_prompt_tokens,
             handoff=seq.status is SequenceStatus.HELD,
         )

@@ -61,7 +61,8 @@ class BlockManager:
 
     def _cached_prefix(self, seq: Sequence) -> list[tuple[int, int]]:
         """(hash, block id) of the leading full blocks already computed by earlier requests."""
-        if not self.enable_prefix_caching:
+        # Prompt logprobs need every prompt position's logits: nothing of it may be skipped.
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return []
         hits: list[tuple[int, int]] = []
         parent = None

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from itertools import chain
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,78 +18,41 @@ from attention.remote import RemoteAttention
 from attention.selector import select_backend
 from engine.batcher import ScheduledBatch
 from engine.config import EngineConfig, ModelConfig, parse_dtype
-from engine.sampler import sample
-from engine.sequence import Sequence
+from engine.decode_graphs import DecodeGraphs, GraphKey
+from engine.kv_budget import kv_block_bytes, kv_pool_budget, num_kv_blocks, peak_bytes
+from engine.penalties import adjust_logits
+from engine.sampler import prompt_logprobs, sample_tokens
+from engine.sequence import Sequence, TopLogprobs
+from engine.step_inputs import (
+    HostStep,
+    StepLayout,
+    check_context_lengths,
+    dummy_prefill,
+    host_step,
+    pad_decodes,
+    padding_step,
+    query_starts,
+)
+from engine.structured_output import mask_logits
 from engine.weights import build_model
+
+__all__ = ["KVPoolFactory", "ModelRunner", "StepOutput", "StepLayout", "kv_block_bytes"]
 
 log = logging.getLogger(__name__)
 
 
+# Prompt positions whose logits are computed at once for prompt_logprobs ([n, vocab] float32).
+PROMPT_LOGPROBS_CHUNK = 512
+
+
 @dataclass
 class StepOutput:
-    # Sequences that produced a token this step, with the token and its logprob (if asked).
-    sampled: list[tuple[Sequence, int, float | None]]
-
-
-@dataclass
-class StepLayout:
-    """Where each row's new tokens sit in a step's flat token list (host arrays). Rows are
-    ordered prompt chunks, local decodes, then offloaded decodes."""
-
-    seqs: list[Sequence]
-    counts: np.ndarray  # [rows] new tokens of each row
-    starts: np.ndarray  # [rows] position of each row's first new token
-    num_local: int  # rows [0, num_local) attend here, the others on attention executors
-    num_prefills: int  # rows [0, num_prefills) are prompt chunks (more than one token)
-
-    @classmethod
-    def of(cls, rows: list[tuple[Sequence, int]]) -> StepLayout:
-        seqs = [seq for seq, _ in rows]
-        counts = np.array([n for _, n in rows], dtype=np.int64)
-        num_local = sum(1 for seq in seqs if not seq.executor)
-        return cls(
-            seqs=seqs,
-            counts=counts,
-            starts=np.array([seq.num_computed_tokens for seq in seqs], dtype=np.int64),
-            num_local=num_local,
-            num_prefills=int((counts[:num_local] > 1).sum()),
-        )
-
-    @property
-    def ends(self) -> np.ndarray:
-        return self.starts + self.counts
-
-    @property
-    def first_tokens(self) -> np.ndarray:  # [rows] index of each row's first token in the step
-        return np.cumsum(self.counts) - self.counts
-
-    @property
-    def token_row(self) -> np.ndarray:  # [tokens] the row each token belongs to
-        return np.repeat(np.arange(len(self.seqs)), self.counts)
-
-    @property
-    def positions(self) -> np.ndarray:  # [tokens]
-        return np.arange(int(self.counts.sum())) - (self.first_tokens - self.starts)[self.token_row]
-
-    def token_ids(self) -> np.ndarray:  # [tokens] int64
-        starts, ends = self.starts.tolist(), self.ends.tolist()
-        pieces = (seq.token_ids[a:b] for seq, a, b in zip(self.seqs, starts, ends))
-        return np.fromiter(
-            chain.from_iterable(pieces), dtype=np.int64, count=sum(self.counts.tolist())
-        )
-
-    def offloaded_groups(self) -> list[tuple[str, list[tuple[str, int]]]]:
-        """Per executor, in row order: (request id, position of its new token)."""
-        groups: dict[str, list[tuple[str, int]]] = {}
-        offloaded = zip(self.seqs[self.num_local :], self.starts[self.num_local :].tolist())
-        for seq, start in offloaded:
-            groups.setdefault(seq.executor, []).append((seq.request_id, start))
-        return list(groups.items())
-
-
-def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-    return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+    # Sequences that produced a token this step: the token, its logprob and best alternatives
+    # (if asked).
+    sampled: list[tuple[Sequence, int, float | None, TopLogprobs | None]]
+    # Prompt chunks that asked for prompt logprobs: per predicted prompt token, (logprob, rank,
+    # alternatives).
+    prompt_logprobs: list[tuple[Sequence, list]] = field(default_factory=list)
 
 
 KVPoolFactory = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
@@ -126,108 +89,224 @@ class ModelRunner:
         self.backend: AttentionBackend = backend_cls(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5
         )
+        # Decode steps replay CUDA graphs on CUDA unless --enforce-eager; padding them to a
+        # graph's batch size can be turned on without graphs (pad_decode), as tests do on CPU.
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        pad = self.use_graphs or config.pad_decode
         self.num_blocks = self._decide_num_blocks()
-        # [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
-        shape = (
-            cfg.num_layers,
-            2,
-            self.num_blocks,
-            self.block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
+        # Padding rows write their k, v into one block past those the block manager hands out.
+        self.pad_block = self.num_blocks
+        shape = self._pool_shape(self.num_blocks + pad)
         # A decode worker's pool is allocated by its data plane, where prefill workers reach it.
         factory = kv_pool_factory or _zeros
         self.kv_pool = factory(shape, self.dtype, self.device)
+        self.decode_graphs = self._decode_graphs(self.pad_block) if pad else None
+        if self.use_graphs:
+            self._capture_decode_graphs()
         log.info(
-            "model loaded: %s, %s on %s, attention backend %s, %d KV blocks of %d tokens",
+            "model loaded: %s, %s on %s, attention backend %s, %d KV blocks of %d tokens, "
+            "decode steps %s",
             cfg.architecture,
             self.dtype,
             self.device,
             self.backend.name,
             self.num_blocks,
             self.block_size,
+            "in CUDA graphs" if self.use_graphs else ("padded" if pad else "eager"),
         )
+
+    def _pool_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """[num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]"""
+        cfg = self.model_config
+        return (cfg.num_layers, 2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
 
     def _decide_num_blocks(self) -> int:
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
         block_bytes = kv_block_bytes(self.model_config, self.block_size, self.dtype)
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - cache.gpu_memory_utilization) * total
-        else:
-            budget = cache.cpu_kv_cache_gib * (1 << 30)
-        num_blocks = int(budget // block_bytes)
-        if num_blocks < 1:
-            raise MemoryError(
-                f"no memory left for the KV cache on {self.device} ({block_bytes} bytes a block)"
-            )
-        return num_blocks
+        if self.device.type != "cuda":
+            # A fixed size the user picks: host memory is shared with the OS and every other
+            # process, and torch keeps no peak counters for it to profile against.
+            return num_kv_blocks(int(cache.cpu_kv_cache_gib * (1 << 30)), block_bytes, self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        activations, graphs = self._profile_peaks()
+        torch.cuda.empty_cache()  # the scratch pools, so the KV pool can take their memory
+        budget = kv_pool_budget(
+            total, total - free, cache.gpu_memory_utilization, activations, graphs
+        )
+        log.info(
+            "KV budget %.2f GiB: %.2f GiB in use, activation peak %.2f GiB, CUDA graphs %.2f GiB",
+            *(b / (1 << 30) for b in (budget, total - free, activations, graphs)),
+        )
+        return num_kv_blocks(budget, block_bytes, self.device)
+
+    @torch.inference_mode()
+    def _profile_peaks(self) -> tuple[int, int]:
+        """Activation peaks in bytes of the largest step the batcher can schedule (a full
+        token budget of prompts, and its logits for max_num_seqs rows) and of the largest
+        decode graph, each over a scratch pool just large enough for it."""
+        batch = self.config.batch
+        prefill = dummy_prefill(batch.max_num_batched_tokens, batch.max_model_len, self.block_size)
+        scratch = self._pool_shape(int(prefill.block_tables.max()) + 1)
+        pool = _zeros(scratch, self.dtype, self.device)
+
+        def run_prefill() -> None:
+            self.model.logits(self._eager(prefill, pool)[: batch.max_num_seqs])
+
+        activations = peak_bytes(run_prefill, self.device)
+        if not self.use_graphs:
+            return activations, 0
+        graphs = self._decode_graphs(pad_block=0)
+        step = padding_step(graphs.sizes[-1], 0, self.block_size)
+        input_ids, positions, meta = graphs.load(step, batch.max_model_len)
+        decode = partial(self.model, input_ids, positions, pool, meta, self.backend)
+        return activations, peak_bytes(decode, self.device)
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, list[Sequence]]:
-        """Final hidden states of every scheduled token, the rows to sample, their sequences."""
-        input_ids, positions, meta, logit_rows, sampling = self._prepare(batch)
-        hidden = self.model(input_ids, positions, self.kv_pool, meta, self.backend)
-        return hidden, logit_rows, sampling
+        """Final hidden states of every scheduled token (and padding row), the rows to sample,
+        their sequences."""
+        layout, step, padded, sampling = self._prepare(batch)
+        if padded:
+            hidden = self._forward_decode(layout, step)
+        else:
+            hidden = self._eager(step, self.kv_pool, layout)
+        return hidden, self._on_device(step.sample_tokens), sampling
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         hidden, logit_rows, sampling = self.forward(batch)
+        prompt = self._prompt_logprobs(batch, hidden)
         if not sampling:
-            return StepOutput([])
+            return StepOutput([], prompt)
         logits = self.model.logits(hidden[logit_rows])
-        tokens, logprobs = sample(
+        logits = adjust_logits(logits, sampling, self.model_config.eos_token_ids)
+        mask_logits(logits, sampling)
+        out = sample_tokens(
             logits, [s.params for s in sampling], [s.next_token_generator() for s in sampling]
         )
+        logprobs = out.logprobs or [None] * len(sampling)
+        top = out.top or [None] * len(sampling)
+        rows = zip(sampling, out.token_ids, logprobs, top)
         return StepOutput(
-            [
-                (seq, tok, None if logprobs is None or not seq.params.logprobs else logprobs[i])
-                for i, (seq, tok) in enumerate(zip(sampling, tokens))
-            ]
+            [(seq, tok, lp if seq.params.logprobs else None, alt) for seq, tok, lp, alt in rows],
+            prompt,
         )
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor):
+        """For prompt chunks that asked: the logprobs of each prompt token the chunk predicts
+        (the one after each of its positions), from position len(seq.prompt_logprobs) on, so
+        a chunk recomputed after preemption reports nothing twice."""
+        if not any(seq.wants_prompt_logprobs for seq, _ in batch.entries):
+            return []
+        layout = StepLayout.of(self._row_order(batch))
+        found = []
+        for row, seq in enumerate(layout.seqs):
+            start, end = int(layout.starts[row]), int(layout.ends[row])
+            first = max(start, len(seq.prompt_logprobs))
+            last = min(end, seq.num_prompt_tokens - 1)  # the last prompt token predicts output
+            if not seq.wants_prompt_logprobs or first >= last:
+                continue
+            entries = []
+            for a in range(first, last, PROMPT_LOGPROBS_CHUNK):  # bounds the [n, vocab] logits
+                b = min(a + PROMPT_LOGPROBS_CHUNK, last)
+                flat = int(layout.first_tokens[row]) + np.arange(a, b) - start
+                next_ids = self._on_device(np.asarray(seq.token_ids[a + 1 : b + 1]))
+                logits = self.model.logits(hidden[self._on_device(flat)])
+                entries += prompt_logprobs(logits, next_ids, seq.params.prompt_logprobs or 0)
+            found.append((seq, entries))
+        return found
 
     def _prepare(self, batch: ScheduledBatch):
-        """A step's flat inputs: token ids, positions, attention metadata, the rows to sample
-        and their sequences. Work per sequence, never per token: arrays are built with numpy."""
+        """A step's layout, its host inputs (a decode step padded to its bucket when decode
+        steps are padded), whether it was, and the sequences to sample in row order."""
         layout = StepLayout.of(self._row_order(batch))
-        sample_rows = np.flatnonzero(layout.ends == [seq.num_tokens for seq in layout.seqs])
-        last_tokens = layout.first_tokens[sample_rows] + layout.counts[sample_rows] - 1
-        return (
-            self._on_device(layout.token_ids()),
-            self._on_device(layout.positions),
-            self._attention_metadata(layout),
-            self._on_device(last_tokens),
-            [layout.seqs[i] for i in sample_rows.tolist()],
+        step = host_step(layout, self.block_size)
+        bucket = None
+        if self.decode_graphs is not None and not step.num_prefills:
+            bucket = self.decode_graphs.bucket(step.num_tokens)
+        if bucket is not None:
+            step = pad_decodes(step, bucket, self.pad_block, self.block_size)
+        return layout, step, bucket is not None, [layout.seqs[i] for i in layout.sample_rows()]
+
+    def _eager(
+        self, step: HostStep, pool: torch.Tensor, layout: StepLayout | None = None
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        meta = self._metadata(step)
+        if layout is not None:
+            self._begin_remote(meta, layout, step)
+        input_ids, positions = self._on_device(step.token_ids), self._on_device(step.positions)
+        return self.model(input_ids, positions, pool, meta, self.backend)
+
+    def _forward_decode(self, layout: StepLayout, step: HostStep) -> torch.Tensor:
+        """A padded decode step over the static buffers: its graph's replay, or the same inputs
+        run eagerly (on CPU, with --enforce-eager, or when the step cannot be a graph)."""
+        graphs, key = self.decode_graphs, self._graph_key(layout, step)
+        max_seq_len = self.config.batch.max_model_len if key else step.max_seq_len
+        input_ids, positions, meta = graphs.load(step, max_seq_len)
+        self._begin_remote(meta, layout, step)
+        forward = partial(self.model, input_ids, positions, self.kv_pool, meta, self.backend)
+        if key is None:
+            return forward()
+        hidden = graphs.replay(key)
+        if hidden is not None:
+            return hidden
+        if key not in graphs.seen:  # a first step with these offloaded rows is the warm-up
+            graphs.seen.add(key)
+            return forward()
+        graphs.capture(key, forward, warm_up=False)
+        return graphs.replay(key)
+
+    def _graph_key(self, layout: StepLayout, step: HostStep) -> GraphKey | None:
+        if not self.use_graphs:
+            return None
+        groups = tuple((executor, len(rows)) for executor, rows in layout.offloaded_groups())
+        # The per-layer channel's signals take per-step sequence numbers as launch arguments
+        # unless the channel keeps them in device memory and says so (graph_safe): steps with
+        # offloaded rows over any other channel run eagerly, padded all the same.
+        if groups and not getattr(self.remote, "graph_safe", False):
+            return None
+        return step.num_tokens, step.num_local_tokens, groups
+
+    def _begin_remote(self, meta: AttentionMetadata, layout: StepLayout, step: HostStep) -> None:
+        if layout.num_local < len(layout.seqs):
+            assert self.remote is not None, "offloaded sequences need a remote attention client"
+            meta.remote = self.remote.begin_step(step.num_local_tokens, layout.offloaded_groups())
+
+    def _metadata(self, step: HostStep) -> AttentionMetadata:
+        """The step's attention metadata on the device (eager steps)."""
+        check_context_lengths(step, step.max_seq_len, self.block_size)
+        num_prefills, to_device = step.num_prefills, self._on_device
+        return AttentionMetadata(
+            slot_mapping=to_device(step.slot_mapping),
+            num_prefill_tokens=int(step.query_lens.sum()),
+            prefill_query_start=to_device(query_starts(step.query_lens)),
+            prefill_seq_lens=to_device(step.prefill_seq_lens),
+            prefill_block_tables=to_device(step.block_tables[:num_prefills]),
+            prefill_query_lens_host=step.query_lens.tolist(),
+            prefill_seq_lens_host=step.prefill_seq_lens.tolist(),
+            decode_seq_lens=to_device(step.decode_seq_lens),
+            decode_block_tables=to_device(step.block_tables[num_prefills:]),
+            decode_max_seq_len=int(step.decode_seq_lens.max(initial=0)),
         )
 
-    def _attention_metadata(self, layout: StepLayout) -> AttentionMetadata:
-        num_local, num_prefills = layout.num_local, layout.num_prefills
-        tables = self._pad_tables([seq.block_table for seq in layout.seqs[:num_local]])
-        local = slice(0, int(layout.counts[:num_local].sum()))  # local rows' tokens come first
-        positions, bs = layout.positions[local], self.block_size
-        blocks = tables[layout.token_row[local], positions // bs].astype(np.int64)
-        query_lens = layout.counts[:num_prefills].astype(np.int32)
-        prefill_seq_lens = layout.ends[:num_prefills].astype(np.int32)
-        decode_seq_lens = layout.ends[num_prefills:num_local].astype(np.int32)
-        meta = AttentionMetadata(
-            slot_mapping=self._on_device(blocks * bs + positions % bs),
-            num_prefill_tokens=int(query_lens.sum()),
-            prefill_query_start=self._on_device(query_starts(query_lens)),
-            prefill_seq_lens=self._on_device(prefill_seq_lens),
-            prefill_block_tables=self._on_device(tables[:num_prefills]),
-            prefill_query_lens_host=query_lens.tolist(),
-            prefill_seq_lens_host=prefill_seq_lens.tolist(),
-            decode_seq_lens=self._on_device(decode_seq_lens),
-            decode_block_tables=self._on_device(tables[num_prefills:]),
-            decode_max_seq_len=int(decode_seq_lens.max(initial=0)),
-        )
-        if num_local < len(layout.seqs):
-            assert self.remote is not None, "offloaded sequences need a remote attention client"
-            meta.remote = self.remote.begin_step(local.stop, layout.offloaded_groups())
-        return meta
+    def _decode_graphs(self, pad_block: int) -> DecodeGraphs:
+        batch, cfg = self.config.batch, self.model_config
+        return DecodeGraphs(batch.max_num_seqs, batch.max_model_len, self.block_size, pad_block,
+                            cfg.hidden_size, self.dtype, self.device)  # fmt: skip
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        """One graph per bucket, largest first so that smaller ones reuse its pool memory,
+        each over padding rows only (they write the padding block alone)."""
+        graphs, max_len = self.decode_graphs, self.config.batch.max_model_len
+        for rows in reversed(graphs.sizes):
+            step = padding_step(rows, self.pad_block, self.block_size)
+            input_ids, positions, meta = graphs.load(step, max_len)
+            forward = partial(self.model, input_ids, positions, self.kv_pool, meta, self.backend)
+            graphs.capture((rows, rows, ()), forward, warm_up=True)
+        log.info("captured CUDA graphs for decode batches of %s", graphs.sizes)
 
     def _on_device(self, values: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(values).to(self.device)
@@ -238,20 +317,6 @@ class ModelRunner:
         local = [e for e in batch.entries if not e[0].executor]
         remote = sorted((e for e in batch.entries if e[0].executor), key=lambda e: e[0].executor)
         return local + remote
-
-    @staticmethod
-    def _pad_tables(tables: list[list[int]]) -> np.ndarray:
-        """[len(tables), longest] int32, zero-padded."""
-        width = max((len(t) for t in tables), default=0)
-        padded = np.zeros((len(tables), width), dtype=np.int32)
-        for row, table in zip(padded, tables):
-            row[: len(table)] = table
-        return padded
-
-
-def query_starts(query_lens: np.ndarray) -> np.ndarray:
-    """[len + 1] int32 cumulative counts, from 0."""
-    return np.concatenate(([0], np.cumsum(query_lens))).astype(np.int32)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

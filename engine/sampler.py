@@ -1,14 +1,20 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, min-p, seeded generators, logprobs.
 
 Each request draws from its own generator, so a seeded request gets the same tokens whatever
-else shares its batch. Log-probabilities are of the model's raw distribution, as vLLM reports.
+else shares its batch. Logits arrive here already biased and penalized (engine/penalties.py);
+log-probabilities and their alternatives are of that distribution, before temperature and the
+top-k/top-p/min-p filters. vLLM's `--logprobs-mode` offers the two ends (raw_logprobs, its
+default, before any processor; processed_logprobs, after temperature and top-k/top-p too);
+ours is the point between, the one the OpenAI API's penalties and logit_bias describe.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from engine.sequence import SamplingParams
+from engine.sequence import SamplingParams, TopLogprobs
 
 
 def apply_filters(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -29,22 +35,80 @@ def apply_filters(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+@dataclass
+class Sampled:
+    token_ids: list[int]  # [rows]
+    # [rows] each sampled token's logprob, when any row asks for logprobs (rows that did not
+    # ask get one too); `top`: [rows] best alternatives, None for rows that asked for none.
+    logprobs: list[float] | None = None
+    top: list[TopLogprobs | None] | None = None
+
+
 def sample(
     logits: torch.Tensor,  # [batch, vocab] float32
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> tuple[list[int], list[float] | None]:
+    sampled = sample_tokens(logits, params, generators)
+    return sampled.token_ids, sampled.logprobs
+
+
+def sample_tokens(
+    logits: torch.Tensor,  # [batch, vocab] float32, biased and penalized
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> Sampled:
     tokens = logits.argmax(-1)
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
         tokens[drawn] = draw(
             logits[drawn], [params[i] for i in drawn], [generators[i] for i in drawn]
         )
-    token_list = tokens.tolist()
-    if not any(p.logprobs for p in params):
-        return token_list, None
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    return token_list, logprobs.tolist()
+    sampled = Sampled(tokens.tolist())
+    if any(p.logprobs for p in params):
+        sampled.logprobs, sampled.top = token_logprobs(logits, tokens, params)
+    return sampled
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [batch, vocab] float32
+    tokens: torch.Tensor,  # [batch] sampled ids
+    params: list[SamplingParams],
+) -> tuple[list[float], list[TopLogprobs | None] | None]:
+    """Each sampled token's logprob and, for rows asking for alternatives, the best ones; one
+    log_softmax and one top-k for the whole batch."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+    k = max((p.top_logprobs for p in params if p.logprobs), default=0)
+    if k == 0:
+        return chosen, None
+    values, ids = logprobs.topk(k, dim=-1)
+    values_list, ids_list = values.tolist(), ids.tolist()
+    top = [
+        list(zip(ids_list[i][: p.top_logprobs], values_list[i][: p.top_logprobs]))
+        if p.logprobs and p.top_logprobs
+        else None
+        for i, p in enumerate(params)
+    ]
+    return chosen, top
+
+
+def prompt_logprobs(
+    logits: torch.Tensor,  # [positions, vocab] float32: the raw logits after each position
+    next_ids: torch.Tensor,  # [positions] the prompt token that follows each position
+    k: int,
+) -> list[tuple[float, int, TopLogprobs]]:
+    """Per position: the next prompt token's logprob, its rank (1: the most likely) and the k
+    best alternatives. Of the raw distribution: prompt tokens are not sampled, so no bias or
+    penalty applies (vLLM's note on prompt_logprobs under either logprobs mode)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+    ranks = (logprobs > chosen[:, None]).sum(-1) + 1
+    values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], next_ids[:, None][:, :0])
+    return [
+        (lp, rank, list(zip(i, v)))
+        for lp, rank, i, v in zip(chosen.tolist(), ranks.tolist(), ids.tolist(), values.tolist())
+    ]
 
 
 def draw(

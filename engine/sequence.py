@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.grammar_state import GrammarSpec, GrammarState
 
 
 class InvalidRequestError(ValueError):
     """A request the engine refuses, with a message for the client (HTTP 400)."""
+
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI and vLLM's default --max-logprobs
+
+# A sampled or prompt token's best alternatives, best first: [(token id, logprob)].
+TopLogprobs = list[tuple[int, float]]
 
 
 @dataclass
@@ -24,6 +34,20 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    # Logit adjustments, vLLM's semantics: bias per token id in [-100, 100]; presence and
+    # frequency penalties (OpenAI's, over output tokens) in [-2, 2]; the repetition penalty
+    # over prompt and output (> 0, 1 is off); EOS and stop tokens barred until min_tokens.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    # Alternatives reported beside each sampled token (with `logprobs`), and per prompt token
+    # (None: no prompt logprobs; 0: only the prompt token's own). At most MAX_LOGPROBS.
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    # The grammar the output must follow (engine/structured_output.py), or None.
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,10 +67,41 @@ class SamplingParams:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        self._validate_adjustments()
+
+    def _validate_adjustments(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}"
+            )
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        if any(not -100 <= b <= 100 for b in (self.logit_bias or {}).values()):
+            raise InvalidRequestError("logit_bias values must be in [-100, 100]")
+        for name in ("top_logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any bias or penalty changes this request's logits before sampling."""
+        return bool(
+            self.logit_bias
+            or self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
 
 
 def sampling_params(spec) -> SamplingParams:
@@ -82,6 +137,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = -1
     output_logprobs: list[float] = field(default_factory=list)
+    # With params.top_logprobs: the best alternatives of each token sampled here (a request
+    # continued from elsewhere has only its newer tokens' entries).
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    # With params.prompt_logprobs: per prompt token after the first, (logprob, rank, top).
+    prompt_logprobs: list[tuple[float, int, TopLogprobs]] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     # Hashes of the leading full blocks whose KV is computed, for prefix caching.
     block_hashes: list[int] = field(default_factory=list)
@@ -92,6 +152,8 @@ class Sequence:
     handoff: bool = False
     # Offloaded: the attention executor holding this request's KV; none is kept here.
     executor: str = ""
+    # With params.structured: its matcher, which replays outputs generated elsewhere.
+    grammar: GrammarState | None = None
     finish_reason: FinishReason | None = None
     # Detokenized output and how much of it has been reported to the caller.
     text: str = ""
@@ -133,10 +195,20 @@ class Sequence:
             self.generator.manual_seed(token_seed(self.seed, self.num_output_tokens))
         return self.generator
 
-    def append_token(self, token_id: int, logprob: float | None) -> None:
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: asked for, and no token sampled yet (a request
+        continued from elsewhere reported them there). Its prompt skips the prefix cache."""
+        return self.params.prompt_logprobs is not None and self.num_output_tokens == 0
+
+    def append_token(
+        self, token_id: int, logprob: float | None, top: TopLogprobs | None = None
+    ) -> None:
         self.token_ids.append(token_id)
         if logprob is not None:
             self.output_logprobs.append(logprob)
+        if top is not None:
+            self.output_top_logprobs.append(top)
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -2,17 +2,14 @@
 
 `none` is the PD-disaggregation baseline; `always` offloads every request an executor can take;
 `ratio:R` offloads a share R, spread evenly over arrivals. `load-aware` (scheduler/load_aware.py)
-plugs in behind the same `decide` call and reads the `ClusterView` the router attaches.
+plugs in behind the same `decide` call and reads the `ClusterView` the router attaches; each is
+named on the command line through scheduler/policies.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from scheduler.cost_model import CostModel
 
 
 class PolicyError(ValueError):
@@ -100,24 +97,3 @@ class RatioOffload(OffloadPolicy):
         # every run of arrivals, evenly spaced.
         i = candidate.request_index
         return math.floor((i + 1) * self.ratio) > math.floor(i * self.ratio)
-
-
-def parse_policy(
-    text: str, cost_model: CostModel | None = None, slo_tpot_ms: float | None = None
-) -> OffloadPolicy:
-    """`cost_model` and `slo_tpot_ms` configure `load-aware` (default: the built-in profile)."""
-    if text == "load-aware":
-        from scheduler.cost_model import builtin_profile
-        from scheduler.load_aware import LoadAwarePolicy
-
-        return LoadAwarePolicy(cost_model or builtin_profile(), slo_tpot_ms=slo_tpot_ms)
-    if text == "none":
-        return NeverOffload()
-    if text == "always":
-        return RatioOffload(1.0)
-    if text.startswith("ratio:"):
-        try:
-            return RatioOffload(float(text.removeprefix("ratio:")))
-        except ValueError as exc:
-            raise PolicyError(f"bad offload policy {text!r}: {exc}") from exc
-    raise PolicyError(f"unknown offload policy {text!r}; use load-aware, none, always or ratio:R")

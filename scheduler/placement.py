@@ -21,10 +21,14 @@ class WorkerLoad:
     assigned_total: int = 0  # requests ever sent to it: spreads ties round-robin
 
 
-def pick_prefill(workers: list[WorkerLoad]) -> str | None:
+def pick_prefill(workers: list[WorkerLoad], prefer: str | None = None) -> str | None:
+    """`prefer`: a worker whose prefix cache holds the prompt (prefix affinity), taken while it
+    is alive whatever its load: recomputing the prompt elsewhere costs more than queueing."""
     live = [w for w in workers if w.alive]
     if not live:
         return None
+    if prefer is not None and any(w.instance == prefer for w in live):
+        return prefer
     return min(live, key=lambda w: (w.queued_tokens, w.assigned_total, w.instance)).instance
 
 

@@ -3,7 +3,7 @@
 (which decode worker, offloaded to which executor, or wait for room).
 
 Pure functions over plain records. The router passes its own request and worker objects (see
-server/router.py); the simulator passes its own (server/simulate/), so both decide with this
+server/router/core.py); the simulator passes its own (server/simulate/), so both decide with this
 code. A `Books` is the one pass over the requests in flight that every decision reads.
 """
 

@@ -19,7 +19,7 @@ from transport.attention_protocol import NUM_COUNTERS, DecodeSide, ExecutorSide
 from transport.attention_protocol import ChannelTimeout as ChannelTimeout
 from transport.attention_protocol import StepRefused as StepRefused
 from transport.host_signal_channel import HostSignals
-from transport.kv_transfer import KVTransferError, dtype_from_str, dtype_to_str
+from transport.kv_transfer_base import KVTransferError, dtype_from_str, dtype_to_str
 from transport.shm_transfer import SharedMemory, _open_untracked, remove_stale_segments
 
 SEGMENT_PREFIX = "adrenaline-attn-"  # the host link's region, and the GPU link's counters

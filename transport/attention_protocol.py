@@ -56,6 +56,15 @@ class Signals(Protocol):
     """Where one side's counters live and how it waits on and writes them. Every call but read,
     store and drain may only enqueue its effect, in order; drain makes all of it happen."""
 
+    # Whether the enqueued signals take a step's numbers from memory (begin_step's base), not
+    # from launch arguments, so that a captured CUDA graph of a step replays for a later one.
+    graph_safe: bool
+
+    def begin_step(self, seq_base: int, step_tag: int) -> None:
+        """The step's sequence numbers are seq_base + layer + 1, its failure tag step_tag (step
+        + 1); a backend that reads them from memory enqueues them there."""
+        ...
+
     def write(self, index: int, value: int) -> None:
         """counters[index] = value, after every write to the link's buffers before it."""
         ...
@@ -96,6 +105,14 @@ class DecodeSide:
         self.max_rows = max_rows
         self._step: int | None = None  # the step collected since the last check
         self._timeout_s = 0.0
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.signals.graph_safe
+
+    def begin_step(self, step_id: int, first_seq_no: int) -> None:
+        """Before the step's first post (first_seq_no: its layer 0's sequence number)."""
+        self.signals.begin_step(first_seq_no - 1, step_id + 1)
 
     def post(self, seq_no: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # Safe to overwrite: this side waited for the previous layer's answer, which the
@@ -149,10 +166,15 @@ class ExecutorSide:
 
     def begin_step(self, step_id: int, rows: int, first_seq_no: int) -> None:
         """The step's row count, from its AttentionStep: a GPU link's host cannot read it from
-        the peer without a sync. (first_seq_no: the P2P link needs it; counters carry it here.)"""
+        the peer without a sync; first_seq_no, its layer 0's sequence number."""
         if rows > self.max_rows:
             raise ValueError(f"{rows} rows exceed the link's {self.max_rows}")
         self.step_id, self.rows = step_id, rows
+        self.signals.begin_step(first_seq_no - 1, step_id + 1)
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.signals.graph_safe
 
     def receive(self, seq_no: int, timeout_s: float):
         """The layer's q, k, v rows, once posted; stale if the step failed (see check())."""

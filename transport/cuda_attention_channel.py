@@ -1,12 +1,12 @@
 """The per-layer path between a decode worker and an attention executor on one host's GPUs: q, k,
 v and the output live in one GPU allocation of the decode worker, mapped by the executor through
 CUDA IPC; the protocol's counters live in a one-page host shared-memory segment that both
-processes page-lock and map for their GPUs (attention.gpu_signal.MappedCounters), and every
+processes page-lock and map for their GPUs (transport.gpu_signal.MappedCounters), and every
 signal is enqueued on a stream.
 
 The protocol is transport.attention_protocol's, the host link's too; only the Signals differ.
 post/collect/receive/respond only enqueue work, so both sides may run a whole step, or a captured
-CUDA graph of it, without a host round trip; check(), at the step's end, is the one host wait,
+CUDA graph of it (with the Triton signals only: `graph_safe`), without a host round trip; check(), at the step's end, is the one host wait,
 and before it a collected output may be garbage. Between a step's first wait and its check()
 nothing may synchronize the host with the stream: a stream memory op wait whose peer died is
 released only by the host, in check().
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attention import gpu_signal
+from transport import gpu_signal
 from transport.attention_channel import SEGMENT_PREFIX, BadLinkEndpoint, link_dims
 from transport.attention_protocol import NUM_COUNTERS, DecodeSide, ExecutorSide, Release, Wait
 from transport.cuda_ipc_transfer import export_pool, import_pool
-from transport.kv_transfer import Endpoint, dtype_to_str
+from transport.kv_transfer_base import Endpoint, dtype_to_str
 from transport.shm_transfer import SharedMemory, _open_untracked
 
 _ALIGN = 256
@@ -113,18 +113,25 @@ class _Pending:
 class GpuSignals:
     """The protocol's Signals on a stream: gpu_signal's writes and waits on mapped counters."""
 
-    def __init__(self, counters: gpu_signal.MappedCounters) -> None:
+    def __init__(self, counters: gpu_signal.MappedCounters, device: torch.device) -> None:
         self.counters = counters
         self.host = counters.host.numpy()[:NUM_COUNTERS]  # plain aligned 8-byte loads and stores
         self.pending: list[_Pending] = []
         self._events: list[torch.cuda.Event] = []  # reused step after step
+        # Triton kernels read the step's numbers from here; stream memory ops bake them in.
+        self.graph_safe = gpu_signal.backend(device.index) == "triton"
+        self.base = gpu_signal.SequenceBase(device) if self.graph_safe else None
+
+    def begin_step(self, seq_base: int, step_tag: int) -> None:
+        if self.base is not None:
+            self.base.set(seq_base, step_tag)
 
     def write(self, index: int, value: int) -> None:
-        gpu_signal.write_value(self.counters, index, value)
+        gpu_signal.write_value(self.counters, index, value, self.base)
 
     def wait(self, wait: Wait, exact: bool, on_idle: Callable[[], None] | None) -> None:
         gpu_signal.wait_value(self.counters, wait.index, wait.value, int(wait.timeout_s * 1e9),
-                              wait.fail_index, wait.fail_value, exact)  # fmt: skip
+                              wait.fail_index, wait.fail_value, exact, self.base)  # fmt: skip
         if len(self._events) <= len(self.pending):
             self._events.append(torch.cuda.Event())
         done = self._events[len(self.pending)]
@@ -134,7 +141,8 @@ class GpuSignals:
     def answer(
         self, index: int, value: int, fail_index: int, fail_value: int, mark_index: int
     ) -> None:
-        gpu_signal.answer(self.counters, index, value, fail_index, fail_value, mark_index)
+        gpu_signal.answer(self.counters, index, value, fail_index, fail_value, mark_index,
+                          self.base)  # fmt: skip
 
     def drain(self, on_idle: Callable[[], None] | None, release: Release) -> None:
         """Polls each wait's event in order (no stream is synchronized while a peer may still
@@ -190,8 +198,8 @@ class CudaDecodeSideLink(DecodeSide):
         torch.cuda.synchronize(device)  # the zeros land before the executor maps them
         self.segment = _SignalSegment()
         gpu_signal.warm_up(self.raw.device.index)
-        super().__init__(GpuSignals(self.segment.counters), _views(self.raw, offsets, dtype),
-                         max_rows)  # fmt: skip
+        signals = GpuSignals(self.segment.counters, self.raw.device)
+        super().__init__(signals, _views(self.raw, offsets, dtype), max_rows)
         self.endpoint: Endpoint = {
             "kind": "cuda_ipc",
             "nbytes": nbytes,
@@ -231,7 +239,7 @@ class CudaExecutorSideLink(ExecutorSide):
             self.local = {n: torch.empty_like(tensors[n], device=self.device) for n in "qkv"}
         self.segment = _SignalSegment(name)
         gpu_signal.warm_up(self.device.index)
-        super().__init__(GpuSignals(self.segment.counters), tensors, max_rows)
+        super().__init__(GpuSignals(self.segment.counters, self.device), tensors, max_rows)
 
     def inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.local is None:

@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from transport.kv_transfer import (
+from transport.kv_transfer_base import (
     Endpoint,
     KVTransferError,
     MarkSentPoolHost,
@@ -29,6 +29,7 @@ from transport.kv_transfer import (
     dtype_to_str,
     shape_to_str,
 )
+from transport.link_choice import LinkChoice, choose_link
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,35 @@ def local_device(uuid: str) -> int:
     raise PeerAccessError(f"GPU {uuid} holding the peer's buffer is not visible to this process "
                           f"(CUDA_VISIBLE_DEVICES={visible}); make it visible to both sides, or "
                           "use nccl (or gloo) links")  # fmt: skip
+
+
+def current_gpu_uuid() -> str:
+    """The current CUDA device's UUID, "" where there is none (what Register.gpu_uuid says)."""
+    if not torch.cuda.is_available():
+        return ""
+    return device_uuid(torch.cuda.current_device())
+
+
+def peer_reachable(peer_uuid: str) -> bool:
+    """Whether this process sees the GPU named peer_uuid and its current device maps that GPU's
+    memory (the same GPU, or peer access): the answer transport.link_choice decides on."""
+    try:
+        index = local_device(peer_uuid)
+    except PeerAccessError:
+        return False
+    current = torch.cuda.current_device()
+    return index == current or torch.cuda.can_device_access_peer(current, index)
+
+
+def gpu_link_kind(requested: str, device: torch.device, peer_uuids: list[str]) -> LinkChoice:
+    """transport.link_choice's decision for this process's GPU against each named peer GPU:
+    NCCL if any of them cannot map this GPU's memory."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    local = device_uuid(index)
+    with torch.cuda.device(index):
+        choices = [choose_link(requested, local, p, bool(p) and peer_reachable(p))
+                   for p in peer_uuids or [""]]  # fmt: skip
+    return next((c for c in choices if c.kind == "nccl"), choices[0])
 
 
 def _hex(value: bytes | None) -> str:

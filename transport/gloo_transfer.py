@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from transport.kv_transfer import (
+from transport.kv_transfer_base import (
     Endpoint,
     KVTransferError,
     Transfers,

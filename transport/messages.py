@@ -33,6 +33,14 @@ from __future__ import annotations
 import msgspec
 
 
+class StructuredSpec(msgspec.Struct, frozen=True):
+    """A grammar the output must follow (engine/structured_output.py): every worker that samples
+    compiles it (cached) and replays the tokens already generated through its matcher."""
+
+    kind: str  # "json_schema" | "json_object" | "regex" | "choice" | "grammar" | "structural_tag"
+    spec: str  # a JSON schema or structural tag as JSON text, a regex, EBNF, choices as JSON
+
+
 class SamplingSpec(msgspec.Struct, frozen=True):
     max_tokens: int
     temperature: float
@@ -44,6 +52,24 @@ class SamplingSpec(msgspec.Struct, frozen=True):
     stop_token_ids: list[int]
     ignore_eos: bool
     logprobs: bool
+    # Logit adjustments and alternatives, as engine.sequence.SamplingParams defines them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    structured: StructuredSpec | None = None
+
+
+class PromptLogprobs(msgspec.Struct, frozen=True):
+    """Per prompt token after the first: its logprob given the tokens before it, its rank in
+    that distribution (1: the most likely) and the best alternatives, (token id, logprob)."""
+
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[list[tuple[int, float]]]
 
 
 class WorkerStats(msgspec.Struct, frozen=True):
@@ -101,6 +127,9 @@ class Register(msgspec.Struct, tag=True, frozen=True):
     # Where the process runs (host name and boot id), so a router on the same host can tell
     # within a heartbeat that its pid has exited.
     host: str = ""
+    # The UUID of the GPU it runs on ("" on CPU): peers choose CUDA IPC or NCCL by it
+    # (transport.link_choice).
+    gpu_uuid: str = ""
 
 
 class Prefill(msgspec.Struct, tag=True, frozen=True):
@@ -122,6 +151,10 @@ class TokenOutput(msgspec.Struct, tag=True, frozen=True):
     finish_reason: str | None = None
     logprobs: list[float] | None = None  # of the new tokens
     prompt_tokens: int = 0
+    # With sampling.top_logprobs: each new token's best alternatives, (token id, logprob).
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    # With sampling.prompt_logprobs: on the output carrying the first token only.
+    prompt_logprobs: PromptLogprobs | None = None
     # Set on a prefill worker's first token when its KV waits for a decode worker: what that
     # worker needs to continue exactly where prefill stopped.
     handoff: bool = False
@@ -143,6 +176,7 @@ class ReserveDecode(msgspec.Struct, tag=True, frozen=True):
     # worker keeps none and starts at once.
     executor: str = ""
     executor_address: str = ""
+    executor_gpu_uuid: str = ""  # the executor's Register.gpu_uuid: picks the link's kind
     # To the executor: the prefill worker's blocks the prompt's KV was written into. They stay
     # where prefill wrote them (the executor works on the same pool) until the executor is done.
     lent_blocks: list[int] = []

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from transport.attention_protocol import ChannelTimeout, StepRefused
-from transport.kv_transfer import Endpoint, dtype_from_str, dtype_to_str
+from transport.kv_transfer_base import Endpoint, dtype_from_str, dtype_to_str
 from transport.p2p_group import join_pair
 from transport.p2p_works import Headers, Works
 from transport.security import ClusterKey
@@ -53,6 +53,8 @@ class _Buffers:
 
 class P2PDecodeSideLink:
     """Created by the decode worker; the executor joins the pair group when it attaches."""
+
+    graph_safe = False  # headers carry each layer's sequence number, written by the host
 
     def __init__(
         self,
@@ -117,6 +119,9 @@ class P2PDecodeSideLink:
         """A transfer failed: this link is down for good; attach a new one."""
         return self.works.spent
 
+    def begin_step(self, step_id: int, first_seq_no: int) -> None:
+        pass  # each post's header carries its sequence number
+
     def post(self, seq_no: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         group, n, b = self._group(), q.shape[0], self.buffers
         header = self.sent.outgoing(seq_no, n)
@@ -170,6 +175,8 @@ class P2PDecodeSideLink:
 
 class P2PExecutorSideLink:
     """The executor's end; joins the pair group on the decode worker's store."""
+
+    graph_safe = False
 
     def __init__(
         self,

@@ -21,7 +21,7 @@ from multiprocessing.shared_memory import SharedMemory
 import torch
 
 from transport.heartbeat import process_exited
-from transport.kv_transfer import (
+from transport.kv_transfer_base import (
     Endpoint,
     KVTransferError,
     MarkSentPoolHost,

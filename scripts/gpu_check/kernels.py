@@ -46,7 +46,7 @@ def copy_ceiling_gb_per_s() -> float:
 
 def stream_memops_supported() -> bool | None:
     """CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, None when cuda-python is missing."""
-    from attention import gpu_signal
+    from transport import gpu_signal
 
     drv = gpu_signal._driver()
     if drv is None:
@@ -57,7 +57,8 @@ def stream_memops_supported() -> bool | None:
 
 
 def device(context: dict, part_dir: Path) -> dict:
-    from attention import colocation, gpu_signal
+    from attention import colocation
+    from transport import gpu_signal
 
     props = torch.cuda.get_device_properties(0)
     smi = subprocess.run(

@@ -75,7 +75,7 @@ def _offloaded_total(url: str) -> float | None:
 
 
 def offloaded_decode_step(context: dict, part_dir: Path) -> dict:
-    from server.serve_process import ServeProcess
+    from server.launch.serve_process import ServeProcess
 
     model_dir = write_shape_dir(part_dir / "smollm2-135m", SHAPES["smollm2-135m"])
     rows = []

@@ -15,17 +15,17 @@ from pathlib import Path
 
 from engine.config import ConfigError
 from scheduler.offload_policy import PolicyError
-from server.bench import (
+from server.bench.cli import add_bench_flags
+from server.bench.client import (
     BenchError,
-    add_bench_flags,
     arrival_times,
     build_requests,
     check_args,
     save_result,
 )
-from server.bench_compare import _jsonable, format_comparison, plot_comparison
-from server.bench_datasets import DatasetError
-from server.bench_metrics import format_table
+from server.bench.compare import _jsonable, format_comparison, plot_comparison, plot_library
+from server.bench.datasets import DatasetError
+from server.bench.metrics import format_table
 from server.simulate.cluster import Workload
 from server.simulate.deployment import Hardware, build, hardware, model_name, parse_serve_args
 from server.simulate.hardware import GPUS, HardwareError
@@ -42,9 +42,40 @@ UTILISATION_ROWS = [
 ]
 
 
+# Every assumption with its number (README.md, "Simulate a deployment", gives each its source).
+ASSUMPTIONS = """\
+assumptions (defaults; README.md, 'Simulate a deployment', gives each its source):
+  GPUs        A100-80GB: 312 TFLOP/s dense bf16, 2.039 TB/s, 79.2 GiB; H100: 989 TFLOP/s,
+              3.35 TB/s, 79.1 GiB; H200 = H100 compute and H100's fitted efficiencies with
+              H200 memory: 4.8 TB/s, 139.8 GiB (no H200 measurements exist)
+  operators   a roofline per operator over the model's shapes, efficiencies fitted to the
+              per-operator A100/H100 timings of the Vidur project (microsoft/vidur, MIT);
+              --profile: the CPU's linear model from `adrenaline profile` instead
+  colocation  an executor limited to 20% of the SMs (--sim-sm-share) reaches 60% of HBM
+              bandwidth (--sim-executor-bandwidth; the paper's A100 observation); prefill
+              runs 1 / (1 - 0.2) = 1.25x slower while its executor holds requests
+              (--sim-prefill-slowdown: the SMs it gives up)
+  sync        per layer, decode worker <-> executor hand-over: 10 us on GPU (GPU-signalled),
+              150 us on CPU (shared-memory channel) (--sim-sync-us)
+  host        GPU step: 0.3 ms + 6 us a row not hidden (--sim-step-overhead-ms); a control
+              message 0.1 ms (--sim-hop-ms); HTTP 0.5 ms each way (--sim-http-ms)
+  CPU         with --profile every role shares the cores (--sim-cpu-cores, less
+              --sim-cpu-background, or fairly with --sim-cpu-competitors runnable processes
+              of other jobs); router 200 us and client 140 us a token, 1 ms a request
+  pools       --gpu-memory-utilization x HBM less weights and activations; the executor's
+              share (--offload-memory-fraction) comes out of its prefill worker's pool
+  workloads   no prefix-cache hits, no EOS: a request ends at max_tokens or max_model_len
+"""
+
+
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "simulate", help="bench's experiment on a simulated deployment (GPU or profiled CPU)"
+        "simulate",
+        help="bench's experiment on a simulated deployment (GPU or profiled CPU)",
+        description="adrenaline bench's experiment, answered by a simulated deployment:\n"
+        "replace `bench` by `simulate` in a command line; the hardware is --gpu or --profile.",
+        epilog=ASSUMPTIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_bench_flags(p)
     for action in p._actions:  # the same flags; two of them mean what a simulation needs
@@ -118,6 +149,13 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="cores other jobs on the machine use meanwhile (sim_vs_real measures it)",
+    )
+    c.add_argument(
+        "--sim-cpu-competitors",
+        type=float,
+        default=0.0,
+        help="or: runnable processes other jobs keep meanwhile, sharing every core fairly "
+        "with the deployment's (sim_vs_real measures it; replaces --sim-cpu-background)",
     )
     # Measured here (benchmarks/README.md, sim_vs_real): CPU seconds per output token of the
     # router and the bench client processes over a run of the tiny model.
@@ -199,6 +237,8 @@ def _single(args, serve, hw: Hardware, workload: Workload) -> int:
 
 
 def _compare(args, hw: Hardware, workload: Workload) -> int:
+    if args.plot:
+        plot_library()  # before the runs, not after them
     policies = [p.strip() for p in args.compare.split(",") if p.strip()]
     rates = [float(r) for r in (args.request_rates or str(args.request_rate)).split(",")]
     results: dict[str, list[dict]] = {}

@@ -29,6 +29,7 @@ class CpuCosts:
 
     cores: float = 2.0
     background: float = 0.0  # cores other jobs on the machine use meanwhile
+    competitors: float = 0.0  # or: runnable processes they keep, sharing the cores fairly
     router_message_s: float = 50e-6  # a control message (decode, dispatch, books)
     router_token_s: float = 100e-6  # a token: metrics, queue, SSE frame, HTTP write
     router_request_s: float = 1e-3  # an HTTP request: parse, validate, admit
@@ -80,7 +81,9 @@ class Simulation:
         self.executors: dict[str, Executor] = {}
         self.client: Client | None = None
         self.cpu = (
-            CpuPool(self.loop, config.cpu.cores, config.cpu.background) if config.cpu else None
+            CpuPool(self.loop, config.cpu.cores, config.cpu.background, config.cpu.competitors)
+            if config.cpu
+            else None
         )
         self._in_order_free: dict[object, float] = {}
         for i in range(config.num_prefill):

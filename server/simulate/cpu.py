@@ -1,6 +1,8 @@
-"""Processor sharing for a deployment whose roles share a CPU (`serve` on one machine): the cores
-other jobs leave (`background`: the cores they use, as measured meanwhile) are split equally
-among the deployment's processes that are runnable at each instant. A step that takes `work`
+"""Processor sharing for a deployment whose roles share a CPU (`serve` on one machine). Other
+jobs are described one of two ways: `competitors`, the runnable processes they keep on the
+machine (as measured meanwhile), which share every core equally with the deployment's runnable
+processes (the kernel's fair scheduler); or `background`, the cores they use, and the deployment's
+runnable processes split the rest equally. A step that takes `work`
 seconds alone takes longer while others run; an executor spinning on a decode worker's
 per-layer signal is runnable without work of its own; the router and the benchmark client work
 through queues.
@@ -16,8 +18,11 @@ MIN_CORES = 0.1  # however busy the machine, the deployment gets some time
 
 
 class CpuPool:
-    def __init__(self, loop: EventLoop, cores: float, background: float = 0.0) -> None:
+    def __init__(
+        self, loop: EventLoop, cores: float, background: float = 0.0, competitors: float = 0.0
+    ) -> None:
         self.loop, self.cores, self.background = loop, cores, background
+        self.competitors = competitors
         self.active: dict[object, list] = {}  # owner -> [remaining work s, callback, args, token]
         self.holders: dict[object, int] = {}  # owners runnable without work (spinning)
         self.queues: dict[object, deque] = {}  # owners whose work comes in order (router, client)
@@ -27,8 +32,11 @@ class CpuPool:
     @property
     def speed(self) -> float:
         runnable = len(self.active) + len(self.holders)
-        free = max(self.cores - self.background, MIN_CORES)
-        return min(1.0, free / runnable) if runnable else 1.0
+        if not runnable:
+            return 1.0
+        if self.competitors:
+            return min(1.0, self.cores / (runnable + self.competitors))
+        return min(1.0, max(self.cores - self.background, MIN_CORES) / runnable)
 
     def run(self, owner, work_s: float, callback, *args) -> None:
         """`callback(*args)` once `owner` has had `work_s` seconds of a core."""

@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 
 from engine.config import BatchConfig, ConfigError, ModelConfig
 from scheduler.cost_model import CostModel, ProfileError, builtin_profile, fit_cost_model
-from scheduler.offload_policy import OffloadPolicy, parse_policy
+from scheduler.offload_policy import OffloadPolicy
+from scheduler.policies import parse_policy
+from server.launch.serve_parser import serve_parser
 from server.simulate.cluster import CpuCosts, SimConfig, Simulation
 from server.simulate.hardware import GIB, GPU, HardwareError, ModelShape, gpu, model_config
 from server.simulate.roofline import load_fit
@@ -32,10 +34,8 @@ class Hardware:
 def parse_serve_args(text: str, policy: str | None = None) -> argparse.Namespace:
     """`adrenaline serve`'s parser, defaults and all; `policy` comes first, as `bench --compare`
     puts it before the serve args (which may override it)."""
-    from server.cli import build_parser
-
     flags = ["--offload-policy", policy] if policy else []
-    return build_parser().parse_args(["serve", *flags, *shlex.split(text)])
+    return serve_parser().parse_args(["serve", *flags, *shlex.split(text)])
 
 
 def model_name(args: argparse.Namespace, serve: argparse.Namespace) -> str:
@@ -137,6 +137,7 @@ def cpu_costs(args: argparse.Namespace) -> CpuCosts:
     return CpuCosts(
         cores=args.sim_cpu_cores or float(os.cpu_count() or 1),
         background=args.sim_cpu_background,
+        competitors=args.sim_cpu_competitors,
         router_token_s=args.sim_router_token_us / 1e6,
         client_token_s=args.sim_client_token_us / 1e6,
         router_request_s=args.sim_request_ms / 1000,

@@ -15,7 +15,7 @@ from engine.batcher import Batcher, ScheduledBatch
 from engine.config import BatchConfig
 from engine.kv_cache import BlockManager, OutOfBlocksError
 from engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
-from engine.step_timing import StepTiming
+from engine.step_timing import StepTiming, ewma
 
 PLACEHOLDER = 0
 
@@ -123,15 +123,18 @@ class SimEngine:
     ) -> StepResult:
         """What LLMEngine.step does after the runner: commit, sample, finish or hold. Each
         token's gap since the request's previous one is counted in `itl_counts`."""
-        self.timing.record_step(batch, seconds)
         result = StepResult()
         counts = itl_counts
+        prefill = sampled = 0  # StepTiming.record_step's counts, in this one pass
         for seq, n in batch.entries:
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                prefill += n
             done = seq.num_computed_tokens + n
             seq.num_computed_tokens = done
             tokens = seq.token_ids
             if done != len(tokens):
                 continue  # a prompt chunk that does not reach the end samples nothing
+            sampled += 1
             tokens.append(PLACEHOLDER)
             last = seq.last_token_at
             if last:
@@ -147,7 +150,19 @@ class SimEngine:
             elif seq.handoff:
                 self.batcher.hold(seq)
                 result.held.append(seq)
+        self._record_step(len(batch.entries), prefill, sampled, seconds)
         return result
+
+    def _record_step(self, rows: int, prefill: int, sampled: int, seconds: float) -> None:
+        """engine.step_timing.StepTiming.record_step from counts the step loop already took
+        (tests/server/test_simulate.py checks they agree)."""
+        timing = self.timing
+        timing.last_batch_size = rows
+        timing.last_prefill_tokens = prefill
+        timing.prompt_tokens_total += prefill
+        timing.generation_tokens_total += sampled
+        if prefill == 0:
+            timing.step_time_ms = ewma(timing.step_time_ms, seconds * 1000)
 
     def stats(self) -> dict:
         """engine.stats()'s fields that heartbeats carry."""

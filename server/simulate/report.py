@@ -1,5 +1,5 @@
 """What a simulated run reports: `adrenaline bench`'s figures from the requests' timestamps
-(server.bench_metrics, unchanged), and the paper's utilisation figures per role metered from
+(server.bench.metrics, unchanged), and the paper's utilisation figures per role metered from
 each step: prefill HBM capacity and bandwidth used, decode compute used, decode batch size.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.bench_metrics import PERCENTILES, RequestRecord, aggregate
+from server.bench.metrics import PERCENTILES, RequestRecord, aggregate
 from server.simulate.hardware import GPU
 
 
@@ -117,7 +117,7 @@ def records(requests) -> list[RequestRecord]:
 
 
 def weighted_summary(counts: dict[float, int]) -> dict[str, float]:
-    """server.bench_metrics.summarize over a multiset {value: count} of seconds, exactly as
+    """server.bench.metrics.summarize over a multiset {value: count} of seconds, exactly as
     numpy's linear-interpolated percentiles over the expanded list."""
     if not counts:
         return {"mean": 0.0, **{name: 0.0 for name, _ in PERCENTILES}}

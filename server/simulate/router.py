@@ -1,5 +1,5 @@
 """The router of a simulated deployment: admission, placement and the hand-off walk of
-server/router.py (prefill -> reserving -> transferring -> decoding -> done), deciding with the
+server/router/core.py (prefill -> reserving -> transferring -> decoding -> done), deciding with the
 same scheduler.routing functions over the same books, kept here one request at a time.
 
 Messages take `hop_s` each way; the router itself handles each at once (one asyncio loop, fast
@@ -19,7 +19,7 @@ from transport.messages import WorkerStats
 if TYPE_CHECKING:
     from server.simulate.cluster import Simulation
 
-RETRY_S = 0.05  # no decode worker has room: retry after this (server/router.py)
+RETRY_S = 0.05  # no decode worker has room: retry after this (server/router/core.py)
 HOUSEKEEPING_S = 0.02  # the router's housekeeping tick, which does the retries
 
 

@@ -1,4 +1,4 @@
-"""The worker processes of a simulated deployment, each as server/worker.py runs it: messages
+"""The worker processes of a simulated deployment, each as server/roles/worker.py runs it: messages
 are read between steps (one that arrives during a step waits for its end), an engine step runs
 whenever there is work, and its time comes from the step cost model instead of a device.
 

@@ -79,7 +79,7 @@ def test_mps_share_reaches_the_environment_before_cuda_starts(no_mps, monkeypatc
                                                               tmp_path) -> None:  # fmt: skip
     """`adrenaline attention` starts itself again with the share set when its environment
     lacks it: flag checks may have initialised CUDA, and MPS reads it only then."""
-    from server import roles
+    from server.roles import entry_points as roles
 
     monkeypatch.setenv(colocation.MPS_PIPE_ENV, str(daemon_dir(tmp_path, os.getpid())))
     assert colocation.mps_environment(1.0) == {}

@@ -21,7 +21,7 @@ import zmq
 from attention.executor import AttentionExecutor
 from attention.executor_worker import ExecutorWorker
 from attention.torch_backend import TorchAttention
-from server.offload_client import OffloadClient
+from server.roles.offload_client import OffloadClient
 from transport import shm_transfer
 from transport.attention_channel import SEGMENT_PREFIX
 from transport.kv_transfer import create_pool_host

@@ -21,12 +21,13 @@ triton = pytest.importorskip("triton", reason="needs the triton package (pip ins
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from attention import gpu_signal, triton_decode  # noqa: E402
+from attention import triton_decode  # noqa: E402
 from attention.selector import AttentionBackendError, select_backend  # noqa: E402
 from attention.triton_backend import TritonAttention  # noqa: E402
 from attention.triton_decode import paged_decode_attention  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.sequence import SamplingParams  # noqa: E402
+from transport import gpu_signal  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # H100/H200 allow 227 KiB of shared memory per block.
@@ -215,13 +216,48 @@ def test_signal_answer_carries_its_sides_failure() -> None:
     assert counters.host.tolist()[:4] == [0, 4, 2, 2]
 
 
+@needs_interpreter
+def test_signal_kernels_take_the_step_numbers_from_the_sequence_base() -> None:
+    """What a replayed CUDA graph does: the same launches, arguments unchanged, after the base
+    advanced by a step, write, await and answer the next step's sequence numbers and tag."""
+    counters, layers = signal_counters(), 3
+    base = gpu_signal.SequenceBase("cpu")
+    base.set(2 * layers, 3)  # step 2: layer l's number is 6 + l + 1, its failure tag 3
+    gpu_signal.write_value(counters, 0, 2 * layers + 2, base)  # layer 1, as a link enqueues it
+    assert counters.host[0] == 8
+
+    def step_launches() -> None:  # layer 1's launches, as a graph would hold them
+        args = counters.kernel_arg(), base.values
+        gpu_signal._write_value_kernel[(1,)](args[0], 0, args[1], 2, ON_GPU=False)
+        gpu_signal._wait_value_kernel[(1,)](args[0], 0, args[1], 2, 200_000_000, 3, 0,
+                                            EXACT=True, ON_GPU=False,
+                                            CLOCK=gpu_signal._host_clock)  # fmt: skip
+        gpu_signal._answer_kernel[(1,)](args[0], 1, args[1], 2, 3, 0, 2, ON_GPU=False)
+
+    step_launches()
+    assert counters.host.tolist()[:4] == [8, 8, 0, 0]  # request, response; not failed
+    base.advance(layers)
+    assert (base.seq_base, base.step_tag) == (9, 4) and base.values.tolist() == [9, 4]
+    step_launches()
+    assert counters.host.tolist()[:4] == [11, 11, 0, 0]  # step 3's layer 1
+    # The wait reads its target from the base too: step 4's, with step 3's request in place,
+    # times out and marks step 4 (tag 5) failed, and the answer carries the refusal.
+    base.advance(layers)
+    args = counters.kernel_arg(), base.values
+    gpu_signal._wait_value_kernel[(1,)](args[0], 0, args[1], 2, 200_000_000, 3, 0, EXACT=True,
+                                        ON_GPU=False, CLOCK=gpu_signal._host_clock)  # fmt: skip
+    gpu_signal._answer_kernel[(1,)](args[0], 1, args[1], 2, 3, 0, 2, ON_GPU=False)
+    assert counters.host.tolist()[:4] == [11, 14, 5, 5]
+
+
 # Compiling needs triton imported without the interpreter, so it runs in a child process.
 COMPILE_FOR_HOPPER = """
 import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from attention import gpu_signal, triton_decode
+from attention import triton_decode
+from transport import gpu_signal
 
 def compile_sm90(kernel, types, constexprs):
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32")
@@ -240,7 +276,7 @@ for dtype, group, head_dim, block_n in json.loads(sys.argv[1]):
         BLOCK_N=block_n, DOT_IN_FP32=False))
     results["merge" + name] = compile_sm90(triton_decode._merge_splits_kernel, types,
                                            dict(HEAD_DIM=head_dim, BLOCK_D=head_dim))
-types = dict(counters="*i64", value="i64", timeout_ns="i64", fail_value="i64")
+types = dict(counters="*i64", base="*i64", offset="i64", timeout_ns="i64", fail_offset="i64")
 results["write_value"] = compile_sm90(gpu_signal._write_value_kernel, types, dict(ON_GPU=True))
 for exact in (False, True):
     results[f"wait_value-{exact}"] = compile_sm90(gpu_signal._wait_value_kernel, types, dict(

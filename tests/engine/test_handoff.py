@@ -55,8 +55,18 @@ def run_disaggregated(prefill: LLM, decode: LLM, prompts, params: SamplingParams
     [
         SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
         SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+        # Penalties follow from prompt + outputs, which the hand-off carries.
+        SamplingParams(
+            max_tokens=20,
+            temperature=0,
+            frequency_penalty=1.0,
+            presence_penalty=0.5,
+            repetition_penalty=1.3,
+            logit_bias={130: -5.0},
+            min_tokens=10,
+        ),  # fmt: skip
     ],
-    ids=["greedy", "seeded"],
+    ids=["greedy", "seeded", "penalized"],
 )
 def test_handoff_matches_single_engine(engines, params):
     single, prefill, decode = engines

@@ -18,8 +18,8 @@ from scheduler.offload_policy import (
     ExecutorLoad,
     OffloadCandidate,
     PolicyError,
-    parse_policy,
 )
+from scheduler.policies import parse_policy
 
 # Decode step 4 + 0.1/request + 0.001/local token (ms), over 4 layers; executor attention per
 # layer 0.1 + 0.0002/offloaded token + 0.01/request.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.offload_policy import OffloadCandidate, PolicyError, parse_policy
+from scheduler.offload_policy import OffloadCandidate, PolicyError
+from scheduler.policies import parse_policy
 
 
 def candidate(i: int, alive: bool = True, free: int = 100, need: int = 2) -> OffloadCandidate:

@@ -36,3 +36,11 @@ def test_decode_prefers_fewer_running_then_more_free_blocks():
     workers = [load("d0", num_running=4, num_free_blocks=90), load("d1", num_running=2,
                num_free_blocks=20), load("d2", num_running=2, num_free_blocks=50)]  # fmt: skip
     assert pick_decode(workers, 1) == "d2"
+
+
+def test_pick_prefill_prefers_the_sibling_while_alive() -> None:
+    busy, idle = load("p0", queued_tokens=500), load("p1")
+    assert pick_prefill([busy, idle]) == "p1"
+    assert pick_prefill([busy, idle], prefer="p0") == "p0"
+    assert pick_prefill([load("p0", alive=False), idle], prefer="p0") == "p1"
+    assert pick_prefill([busy, idle], prefer="p9") == "p1"  # gone: load decides

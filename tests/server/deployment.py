@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from server.serve_process import ServeProcess
+from server.launch.serve_process import ServeProcess
 
 
 class Deployment(ServeProcess):

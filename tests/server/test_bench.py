@@ -19,14 +19,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.bench import (
-    add_bench_parser,
+from server.bench.cli import add_bench_parser, run_bench
+from server.bench.client import (
     arrival_times,
     decode_line,
     request_body,
-    run_bench,
 )
-from server.bench_datasets import (
+from server.bench.datasets import (
     BenchRequest,
     DatasetError,
     parse_vocab_range,
@@ -34,7 +33,7 @@ from server.bench_datasets import (
     sharegpt_requests,
     synthetic_requests,
 )
-from server.bench_metrics import RequestRecord, aggregate, format_table
+from server.bench.metrics import RequestRecord, aggregate, format_table
 
 # ---------------------------------------------------------------- pure parts
 

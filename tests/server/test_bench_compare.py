@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from server.bench_compare import format_comparison, plot_comparison
+from server.bench.compare import format_comparison, plot_comparison
 
 
 def row(policy: str, rate: float, throughput: float) -> dict:

@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from engine.llm import LLM
-from server.serve_process import free_port
+from server.launch.serve_process import free_port
 from tests.server.deployment import Deployment
 from tests.server.test_e2e_offload import concurrent_generate, expected
 from transport.messages import Register, RequestError, TokenOutput, WorkerStats, encode

@@ -16,7 +16,7 @@ import pytest
 
 from engine.llm import LLM
 from engine.sequence import SamplingParams
-from server.worker import STALL_ENV
+from server.roles.worker import STALL_ENV
 from tests.server.deployment import Deployment
 
 PROMPTS = [f"request {i}: the quick brown fox jumps over the lazy dog" for i in range(8)]

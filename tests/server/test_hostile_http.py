@@ -19,9 +19,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from engine.model_source import resolve_model
 from engine.tokenizer import Tokenizer
-from server.generate_api import generate_routes
-from server.openai_api import openai_routes
-from server.request_fields import (
+from server.api.generate import generate_routes
+from server.api.openai_routes import openai_routes
+from server.api.request_fields import (
     INT32_MAX,
     INT64_MAX,
     MinP,

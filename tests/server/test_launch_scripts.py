@@ -16,7 +16,7 @@ import pytest
 
 from engine.llm import LLM
 from engine.sequence import SamplingParams
-from server.serve_process import free_port
+from server.launch.serve_process import free_port
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 WORKER_FLAGS = ["--num-kv-blocks", "128", "--torch-threads", "1"]

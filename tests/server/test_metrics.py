@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.sequence import InvalidRequestError
-from server.generation import Overloaded, Unavailable
-from server.gpu_metrics import GPUCollector, load_nvml
-from server.metrics import RouterMetrics, RouterStateCollector, WorkerCollector, error_reason
-from server.router import Router, RouterRequest, WorkerInfo
+from server.router.core import Router, RouterRequest, WorkerInfo
+from server.router.generation import Overloaded, Unavailable
+from server.router.gpu_metrics import GPUCollector, load_nvml
+from server.router.metrics import RouterMetrics, RouterStateCollector, WorkerCollector, error_reason
 from tests.server.deployment import Deployment
 from transport.messages import Register, SamplingSpec, TokenOutput, WorkerStats
 

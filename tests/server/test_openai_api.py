@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 
 from engine.model_source import resolve_model
 from engine.tokenizer import Tokenizer
-from server.generation import Overloaded, Unavailable
-from server.openai_api import openai_routes
+from server.api.openai_routes import openai_routes
+from server.router.generation import Overloaded, Unavailable
 from tests.server.local_app import served
 from transport.messages import SamplingSpec, TokenOutput
 
@@ -38,6 +38,7 @@ class FakeBackend:
 
     def reset(self) -> None:
         self.calls: list[tuple[str, list[int], SamplingSpec]] = []
+        self.nears: list[str | None] = []
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.refuse: Exception | None = None
@@ -45,9 +46,14 @@ class FakeBackend:
         self.delay = 0.0
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
+        near: str | None = None,
     ) -> AsyncIterator[TokenOutput]:
         self.calls.append((request_id, prompt_token_ids, sampling))
+        self.nears.append(near)
         if self.refuse is not None:
             raise self.refuse
         done = False
@@ -145,7 +151,13 @@ def test_completion_json(client: TestClient, fake: FakeBackend) -> None:
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
     assert body["model"] == MODEL and isinstance(body["created"], int)
     assert body["choices"] == [
-        {"index": 0, "text": "Hello w", "finish_reason": "length", "logprobs": None}
+        {
+            "index": 0,
+            "text": "Hello w",
+            "finish_reason": "length",
+            "logprobs": None,
+            "prompt_logprobs": None,
+        }
     ]
     prompt_ids = fake.tokenizer.encode(PROMPT)
     assert body["usage"] == {
@@ -244,6 +256,7 @@ def test_chat_json(client: TestClient, fake: FakeBackend) -> None:
     assert choice["message"] == {
         "role": "assistant",
         "content": fake.tokenizer.decode(prompt_ids[:2]),
+        "tool_calls": [],  # as vLLM sends it
     }
     assert choice["finish_reason"] == "length"
     assert body["usage"]["prompt_tokens"] == len(prompt_ids)
@@ -289,9 +302,16 @@ def test_chat_stream(client: TestClient) -> None:
         ({"prompt": ""}, "empty"),
         ({"prompt": []}, "empty"),
         ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
-        ({"prompt": PROMPT, "n": 2}, "n=2"),
-        ({"prompt": PROMPT, "echo": True}, "echo"),
-        ({"prompt": PROMPT, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": PROMPT, "n": 17}, "n=17"),
+        ({"prompt": PROMPT, "n": 0}, "n: Input should be greater than or equal to 1"),
+        ({"prompt": PROMPT, "n": 2, "best_of": 1}, "best_of=1 must be at least n=2"),
+        ({"prompt": PROMPT, "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": PROMPT, "frequency_penalty": -3}, "frequency_penalty"),
+        ({"prompt": PROMPT, "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": PROMPT, "logit_bias": {"hello": 1}}, "logit_bias"),
+        ({"prompt": PROMPT, "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": PROMPT, "logprobs": 21}, "logprobs"),
+        ({"prompt": PROMPT, "prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt": PROMPT, "top_p": 0}, "top_p"),
         ({"prompt": PROMPT, "stop": ["or", ""]}, "stop"),
         ({"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
@@ -316,7 +336,12 @@ def test_completion_rejects(
         ({"messages": []}, "messages"),
         ({"messages": [{"content": "hi"}]}, "role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text"),
-        ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n=3"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n=17"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         (
             {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
             "tools",
@@ -399,8 +424,8 @@ def test_openai_client_chat(oai: openai.OpenAI) -> None:
 
 
 def test_openai_client_errors(oai: openai.OpenAI, fake: FakeBackend) -> None:
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        oai.completions.create(model=MODEL, prompt=PROMPT, n=2)
+    with pytest.raises(openai.BadRequestError, match="n=17"):
+        oai.completions.create(model=MODEL, prompt=PROMPT, n=17)
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="nope", prompt=PROMPT)
     fake.refuse = Overloaded("busy", retry_after=3)

@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from engine.sequence import InvalidRequestError
-from server.router import Router
+from server.router.core import Router
 from transport.messages import (
     DecodeReserved,
     KVSent,

@@ -21,7 +21,7 @@ import pytest
 
 import server.cli
 from engine.model_source import resolve_model
-from server.serve_process import free_port
+from server.launch.serve_process import free_port
 from tests.server.deployment import Deployment
 
 ADRENALINE = str(Path(sys.executable).parent / "adrenaline")
@@ -30,7 +30,7 @@ SHM_DIR = Path("/dev/shm")
 # Checked the same way for the standalone `adrenaline router`.
 ROUTER_FLAGS = {
     "--port", "--model", "--num-prefill", "--num-decode", "--offload-policy", "--profile",
-    "--max-pending", "--heartbeat-timeout",
+    "--max-pending", "--heartbeat-timeout", "--chat-template",
 }  # fmt: skip
 
 
@@ -97,6 +97,8 @@ def refused_while_draining(url: str, body: dict, timeout_s: float = 5.0) -> int:
 def bad_flag_cases(tmp_path: Path, taken: int) -> list[tuple[str, list[str]]]:
     malformed = tmp_path / "profile.json"
     malformed.write_text(json.dumps({"version": 1, "decode": [1]}))
+    broken_template = tmp_path / "broken.jinja"
+    broken_template.write_text("{% for m in messages %}{{ m.content }}")
     return [
         ("--port", ["--port", "99999"]),
         ("--port", ["--port", str(taken)]),
@@ -117,6 +119,8 @@ def bad_flag_cases(tmp_path: Path, taken: int) -> list[tuple[str, list[str]]]:
         ("--max-model-len", ["--max-model-len", "0"]),
         ("--kv-transfer", ["--kv-transfer", "nccl"]),
         ("--port", ["--port", "not-a-number"]),
+        ("--chat-template", ["--chat-template", "no-such-template"]),
+        ("--chat-template", ["--chat-template", str(broken_template)]),
     ]
 
 

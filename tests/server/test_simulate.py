@@ -14,7 +14,7 @@ from engine.config import BatchConfig, CacheConfig, EngineConfig
 from engine.engine import LLMEngine
 from engine.sequence import SamplingParams
 from scheduler.cost_model import CostModel
-from scheduler.offload_policy import parse_policy
+from scheduler.policies import parse_policy
 from server.cli import build_parser, main
 from server.simulate.calibration import DEFAULT_DIR, predict_table, read_operators
 from server.simulate.cluster import SimConfig, Simulation, Workload
@@ -56,7 +56,7 @@ def test_stop_keeps_the_rest_for_a_later_run_and_the_past_is_refused():
 def test_weighted_percentiles_equal_numpy_over_the_expanded_list():
     import numpy as np
 
-    from server.bench_metrics import summarize
+    from server.bench.metrics import summarize
 
     rng = random.Random(1)
     counts = {rng.random(): rng.randint(1, 9) for _ in range(50)}
@@ -83,6 +83,13 @@ def test_cores_are_shared_by_whoever_is_runnable():
     loop.run()
     # The router's two messages in turn, at a quarter of a core: 0.4 s each.
     assert done["router0"] == pytest.approx(0.4) and done["router1"] == pytest.approx(0.8)
+    cpu.drop("executor")
+    cpu.background, cpu.competitors = 0.0, 3.0  # three runnable processes of other jobs
+    start = loop.now
+    cpu.run("decode", 0.25, lambda: done.setdefault("decode2", loop.now - start))
+    loop.run()
+    # Alone among ours, it still shares the core fairly with the three: a quarter of it.
+    assert done["decode2"] == pytest.approx(1.0)
 
 
 # Cost models ------------------------------------------------------------------------------------
@@ -196,6 +203,9 @@ def test_sim_engine_schedules_the_batches_llm_engine_schedules(handoff):
             result = sim.finish_step(b, 0.001, step + 1.0, {})
             held += [(step + 3, s.request_id) for s in result.held]
         assert [o.handoff for o in outputs].count(True) == len(result.held if b else [])
+        counts = ("last_batch_size", "last_prefill_tokens", "prompt_tokens_total",
+                  "generation_tokens_total")  # fmt: skip
+        assert [getattr(sim.timing, k) for k in counts] == [getattr(real.timing, k) for k in counts]
         step += 1
     assert real_batches == sim_batches
     assert real.batcher.num_preemptions == sim.batcher.num_preemptions

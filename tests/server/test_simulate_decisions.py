@@ -1,5 +1,5 @@
 """The simulated router decides as the real one: at every placement of a small simulated run,
-the real `server.router.Router`, given the same requests in flight, the same heartbeats and the
+the real `server.router.core.Router`, given the same requests in flight, the same heartbeats and the
 same policy state, picks the same prefill worker, the same decode worker and the same
 executor (or waits too)."""
 
@@ -12,13 +12,13 @@ import pytest
 
 from engine.config import BatchConfig
 from scheduler.cost_model import CostModel
-from scheduler.offload_policy import parse_policy
-from server.router import Router, RouterRequest
+from scheduler.policies import parse_policy
+from server.router.core import Router, RouterRequest
+from server.router.worker_registry import WorkerInfo
 from server.simulate.cluster import SimConfig, Simulation, Workload
 from server.simulate.hardware import ModelShape, model_config
 from server.simulate.router import SimRouter
 from server.simulate.step_cost import ProfileStepCost
-from server.worker_registry import WorkerInfo
 from transport.messages import Register, SamplingSpec
 
 GREEDY = SamplingSpec(max_tokens=8, temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, seed=None,

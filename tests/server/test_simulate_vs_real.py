@@ -1,35 +1,33 @@
 """A small version of benchmarks/sim_vs_real.py: the simulator's prediction of a real
 `adrenaline serve --model tiny` on this machine (profiled first), at a light and a saturating
-rate. Bounds are tolerant: other jobs share these cores (the test measures their load and gives
-it to the simulation); the benchmark reports the tight comparison."""
+rate. Bounds are tolerant: other jobs share these cores (the test measures the processes they
+keep runnable and the simulation shares the cores with as many); the benchmark reports the
+tight comparison."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.sim_vs_real import SERVE, bench_args, real_runs, simulated_runs
+from benchmarks.sim_vs_real import SERVE, bench_args, profile, real_runs, simulated_runs
 
 
 @pytest.fixture(scope="module")
-def profile_path(tmp_path_factory) -> Path:
+def profiled(tmp_path_factory) -> tuple[Path, float]:
+    """The profile, and the runnable processes other jobs kept while it ran."""
     path = tmp_path_factory.mktemp("profile") / "tiny.json"
-    adrenaline = Path(sys.executable).parent / "adrenaline"
-    subprocess.run([str(adrenaline), "profile", "--model", "tiny", "--quick", "--torch-threads",
-                    "1", "--output", str(path), "--log-level", "WARNING"], check=True)  # fmt: skip
-    return path
+    return path, profile(path, quick=True)
 
 
-def test_simulation_tracks_the_real_server(profile_path):
+def test_simulation_tracks_the_real_server(profiled):
     class Args:
         num_prompts, sim_args = 60, ""
 
+    profile_path, competitors = profiled
     bargs = bench_args(Args, profile_path)
     real = real_runs(Args, bargs, profile_path, "none", [10.0, float("inf")])
-    sim = simulated_runs(bargs, "none", real)
+    sim = simulated_runs(bargs, "none", real, competitors)
     light, saturated = zip(real, sim)
     for r, s in (light, saturated):
         assert r["completed"] == s["completed"] == 60, SERVE

@@ -124,7 +124,7 @@ def test_gloo_link_reports_a_refused_step(executors) -> None:
 
 
 def test_gpu_signal_is_importable_without_a_gpu() -> None:
-    from attention import gpu_signal
+    from transport import gpu_signal
 
     assert gpu_signal.backend() in ("stream_memops", "triton", "none")
 
@@ -135,7 +135,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_ipc_link_between_processes(executors) -> None:
-    from attention import gpu_signal
+    from transport import gpu_signal
     from transport.cuda_attention_channel import CudaDecodeSideLink
 
     if gpu_signal.backend() == "none":
@@ -152,7 +152,7 @@ def test_cuda_ipc_link_between_processes(executors) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_ipc_link_reports_a_refused_step(executors) -> None:
-    from attention import gpu_signal
+    from transport import gpu_signal
     from transport.cuda_attention_channel import CudaDecodeSideLink
 
     if gpu_signal.backend() == "none":
@@ -179,7 +179,7 @@ def test_cuda_ipc_link_reports_a_refused_step(executors) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_ipc_link_times_out_on_a_dead_executor(executors) -> None:
-    from attention import gpu_signal
+    from transport import gpu_signal
     from transport.attention_channel import ChannelTimeout
     from transport.cuda_attention_channel import CudaDecodeSideLink
 

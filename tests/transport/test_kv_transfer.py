@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from transport.kv_transfer import KVSender, KVTransferError, create_pool_host
+from transport.kv_transfer import KVSender, create_pool_host
+from transport.kv_transfer_base import KVTransferError
 from transport.messages import SendKV, decode, encode
 from transport.shm_transfer import SHM_DIR, remove_stale_segments
 

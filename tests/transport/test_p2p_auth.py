@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from transport.kv_transfer import KVSender, KVTransferError, create_pool_host
+from transport.kv_transfer import KVSender, create_pool_host
+from transport.kv_transfer_base import KVTransferError
 from transport.p2p_group import PairAuthError, _prove_key, make_group
 from transport.security import ClusterKey, generate_cluster_key
 

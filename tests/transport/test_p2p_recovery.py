@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from transport.attention_channel import ChannelTimeout
-from transport.kv_transfer import KVTransferError, create_pool_host
+from transport.kv_transfer import create_pool_host
+from transport.kv_transfer_base import KVTransferError
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (2, 2, 8, 4, 2, 8)  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
@@ -42,7 +43,7 @@ def stalling_post(store, src, dst, key, *fields):
         time.sleep(stalls.pop(int(fields[2]), 0.0))
 
 gloo_transfer._post = stalling_post
-from transport.kv_transfer import shape_from_str
+from transport.kv_transfer_base import shape_from_str
 shape = shape_from_str(endpoint["shape"])
 sender = KVSender(torch.full(shape, 7.0), "prefill-0")
 for line in sys.stdin:
