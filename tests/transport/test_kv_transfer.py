@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -294,3 +295,80 @@ def test_cuda_ipc_roundtrip_in_process() -> None:
         future.result(timeout=1)
     finally:
         host.close()
+
+
+class RecordingStream:
+    """Stands in for the transfer's own CUDA stream on CPU: records what is ordered on it."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def synchronize(self) -> None:
+        self.log.append("stream.synchronize")
+
+    def wait_stream(self, other: object) -> None:
+        self.log.append(f"stream.wait_stream({other})")
+
+
+@pytest.fixture
+def copy_stream_log(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """gloo standing in for NCCL's stream ordering (defect 4): each side's copies run on a
+    stream of its own, which it alone synchronises; the device is never synchronised, so the
+    model's stream is never waited for."""
+    from transport import gloo_transfer
+
+    log: list[str] = []
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append("enter" if stream is not None else "enter(no stream)")
+        yield
+        log.append("exit")
+
+    def device_sync(*_: object) -> None:
+        raise AssertionError("a KV transfer synchronised the whole device")
+
+    monkeypatch.setattr(gloo_transfer, "_copy_stream", lambda device: RecordingStream(log))
+    monkeypatch.setattr(gloo_transfer, "_on", on)
+    monkeypatch.setattr(torch.cuda, "synchronize", device_sync)
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: "default")
+    return log
+
+
+def test_gloo_receive_orders_the_scatter_on_its_own_stream(
+    peers: list[Peer], copy_stream_log: list[str]
+) -> None:
+    host = create_pool_host("gloo", SHAPE, DTYPE, torch.device("cpu"), "decode-0")
+    try:
+        before = seeded_pool(41)
+        host.pool.copy_(before)
+        src, dst = random_transfer(42, 6)
+        future = host.expect(300, "prefill-0", dst)
+        peers.append(Peer("send", send_args(host.endpoint, 43, [[300, src, dst]])))
+        assert peers[0].read() == {"ok": True, "errors": []}
+        future.result(timeout=TIMEOUT)
+        assert_only_blocks_changed(host.pool, before, seeded_pool(43), src, dst)
+        # The receive, then the scatter, each on the stream; only that stream is synchronised,
+        # after the scatter and before the transfer is reported complete.
+        assert copy_stream_log == ["enter", "exit", "enter", "exit", "stream.synchronize"]
+    finally:
+        host.close()
+
+
+def test_gloo_send_waits_for_the_prefill_then_copies_on_its_own_stream(
+    peers: list[Peer], copy_stream_log: list[str]
+) -> None:
+    peers.append(Peer("host", {"kind": "gloo", "shape": SHAPE, "seed": 51}))
+    endpoint = peers[0].read()["endpoint"]
+    src, dst = random_transfer(52, 4)
+    peers[0].write(op="expect", tid=9, src="prefill-0", dst=dst)
+    sender = KVSender(seeded_pool(53), "prefill-0")
+    try:
+        sender.send(9, endpoint, src, dst)
+        peers[0].write(op="check", tid=9, src_seed=53, src=src, dst=dst)
+        assert peers[0].read() == {"ok": True}
+        # Ordered after the work already on the default stream (the prefill that wrote the
+        # blocks), and nothing more: no device-wide synchronize (it would raise).
+        assert copy_stream_log == ["enter", "stream.wait_stream(default)", "exit"]
+    finally:
+        sender.close()
