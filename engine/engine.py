@@ -316,14 +316,26 @@ class LLMEngine:
 
     def reserve_prefilled(self, request_id: str, handoff: Handoff) -> list[int]:
         """Reserves fresh blocks for a request prefilled elsewhere; returns its block table."""
+        return self._reserve(request_id, handoff, use_prefix_cache=False)[0]
+
+    def reserve_prefilled_sharing(self, request_id: str, handoff: Handoff) -> tuple[list[int], int]:
+        """As reserve_prefilled, but the leading full blocks this worker already holds for the
+        same tokens (another choice of an n > 1 request, an earlier turn) are shared, not
+        copied again: returns (block table, how many leading blocks need no copy). Only fresh
+        blocks receive KV, so no shared block is ever written."""
+        return self._reserve(request_id, handoff, use_prefix_cache=True)
+
+    def _reserve(
+        self, request_id: str, handoff: Handoff, use_prefix_cache: bool
+    ) -> tuple[list[int], int]:
         seq = self._continued(request_id, handoff)
-        if not self.block_manager.can_allocate(seq, use_prefix_cache=False):
+        if not self.block_manager.can_allocate(seq, use_prefix_cache):
             raise OutOfBlocksError(f"no free KV blocks for {request_id} on this decode worker")
-        self.block_manager.allocate(seq, use_prefix_cache=False)
+        self.block_manager.allocate(seq, use_prefix_cache)
         seq.status = SequenceStatus.RESERVED
         self.requests[request_id] = seq
         self.requests_total += 1
-        return list(seq.block_table)
+        return list(seq.block_table), seq.num_cached_prompt_tokens // self.block_manager.block_size
 
     def start_prefilled(self, request_id: str) -> None:
         """The reserved request's prompt KV has arrived: decode it from the next step on."""

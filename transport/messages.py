@@ -94,6 +94,7 @@ class WorkerStats(msgspec.Struct, frozen=True):
     num_reclaimed: int = 0  # decode: offloaded requests taken back from a failed executor
     dropped_messages: int = 0  # received messages dropped (malformed, unexpected, refused)
     sm_share: float = 1.0  # executor: the share of the GPU's SMs in force (1: no limit)
+    prefix_cache_hits: int = 0  # blocks found in the prefix cache (decode: not copied again)
 
 
 class Progress(msgspec.Struct, frozen=True):
@@ -184,8 +185,10 @@ class ReserveDecode(msgspec.Struct, tag=True, frozen=True):
 
 class DecodeReserved(msgspec.Struct, tag=True, frozen=True):
     request_id: str
-    block_ids: list[int]
+    block_ids: list[int]  # the blocks to copy the KV into, from the request's block first_block
     error: str | None = None
+    # Leading blocks the decode worker already holds for these tokens (prefix cache): not sent.
+    first_block: int = 0
 
 
 class SendKV(msgspec.Struct, tag=True, frozen=True):
@@ -194,6 +197,7 @@ class SendKV(msgspec.Struct, tag=True, frozen=True):
     kv_endpoint: dict[str, str | int]
     dst_block_ids: list[int]
     transfer_id: int
+    first_block: int = 0  # the held blocks before it are already on the decode worker
 
 
 class KVSent(msgspec.Struct, tag=True, frozen=True):

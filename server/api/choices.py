@@ -106,6 +106,9 @@ class Choices:
         # Per child: its outputs, then None at its end or the exception it failed with.
         self.queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(candidates)]
         self.firsts: list[asyncio.Future] = []  # done once the child has given anything
+        # Done once child 0 has a second output (or ended): it is then decoding, so its prompt
+        # KV is in its decode worker's prefix cache too (the hand-off committed it).
+        self.first_decoding: asyncio.Future | None = None
         self.tasks: list[asyncio.Task] = []
 
     async def start(self, request: Request) -> None:
@@ -123,8 +126,13 @@ class Choices:
     async def _start_all(self) -> None:
         # Child 0 alone first: once its first token is out, its prompt's full blocks are in its
         # prefill worker's prefix cache, where the others find them if placed there too;
-        # admitted in one step with it, they would each prefill the whole prompt.
+        # admitted in one step with it, they would each prefill the whole prompt. Once it is
+        # decoding, a decode worker holds those blocks as well, and the others' hand-offs to it
+        # share them instead of copying the prompt again (engine.reserve_prefilled_sharing):
+        # one decode step of latency for the later choices, the prompt's KV held once.
+        self.first_decoding = asyncio.get_running_loop().create_future()
         await self._spawn(0)
+        await asyncio.shield(self.first_decoding)
         for index in range(1, len(self.specs)):
             self._spawn(index)
         for first in self.firsts:
@@ -142,11 +150,15 @@ class Choices:
         stream = self.backend.generate(
             f"{self.reply.id}-{index}", self.prompt, self.specs[index], near=near
         )
+        outputs = 0
         try:
             async for out in stream:
                 queue.put_nowait(out)
+                outputs += 1
                 if not first.done():
                     first.set_result(None)
+                if index == 0 and outputs == 2:
+                    self._first_is_decoding()
             if not first.done():
                 first.set_exception(RuntimeError(f"choice {index} ended without any output"))
             queue.put_nowait(None)
@@ -154,6 +166,13 @@ class Choices:
             if not first.done():
                 first.set_exception(exc)
             queue.put_nowait(exc)
+        finally:
+            if index == 0:
+                self._first_is_decoding()  # or ended: the others need wait no longer
+
+    def _first_is_decoding(self) -> None:
+        if self.first_decoding is not None and not self.first_decoding.done():
+            self.first_decoding.set_result(None)
 
     async def _outputs(self, index: int) -> AsyncIterator[TokenOutput]:
         while (item := await self.queues[index].get()) is not None:

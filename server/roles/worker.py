@@ -263,9 +263,12 @@ class Worker:
     def _on_send_kv(self, msg: SendKV) -> None:
         try:
             src = self.engine.held_block_table(msg.request_id)
+            if not 0 <= msg.first_block <= len(src):
+                raise KeyError(f"first_block {msg.first_block} outside its {len(src)} blocks")
         except KeyError as exc:
             self._send(KVSent(msg.request_id, error=str(exc)))
             return
+        src = src[msg.first_block :]  # the decode worker holds the blocks before it already
         assert self.kv_sender is not None, "a prefill worker has a KV sender"
         # The decode side also reserved room for the first token, which may need one more
         # block than the prompt's KV fills; only the prompt's blocks are copied.
@@ -295,13 +298,14 @@ class Worker:
             return
         assert self.kv_host is not None, "a decode worker hosts a KV pool"
         try:
-            block_ids = self.engine.reserve_prefilled(msg.request_id, handoff_of(msg))
+            table, shared = self.engine.reserve_prefilled_sharing(msg.request_id, handoff_of(msg))
         except Exception as exc:  # out of blocks or a bad request: the router decides
             self._send(DecodeReserved(msg.request_id, [], error=str(exc)))
             return
+        block_ids = table[shared:]  # the leading `shared` blocks hold this prompt's KV already
         arrival = self.kv_host.expect(msg.transfer_id, msg.prefill_instance, block_ids)
         self._incoming[msg.request_id] = [msg.transfer_id, arrival, False]
-        self._send(DecodeReserved(msg.request_id, block_ids))
+        self._send(DecodeReserved(msg.request_id, block_ids, first_block=shared))
 
     def _on_offloaded(self, msg: ReserveDecode) -> None:
         """The KV is already in the executor's pool: start decoding at once."""

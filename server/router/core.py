@@ -571,6 +571,7 @@ class Router:
                 kv_endpoint=worker.registration.kv_endpoint,
                 dst_block_ids=msg.block_ids,
                 transfer_id=req.transfer_id,
+                first_block=msg.first_block,
             ),
         )
 

@@ -4,6 +4,7 @@ exactly those of one engine doing both, greedy and seeded alike, and every block
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine.engine import Handoff
 from engine.llm import LLM
@@ -99,3 +100,41 @@ def test_abort_of_held_and_reserved_requests_frees_blocks(engines):
     assert p.abort("held") and d.abort("held")
     for engine in (p, d):
         assert engine.stats()["num_free_blocks"] == engine.stats()["num_blocks"]
+
+
+def test_choices_of_one_prompt_share_its_blocks_on_the_decode_side(engines):
+    """n > 1 on the decode worker: a second choice of the same prompt reuses the first one's
+    full prompt blocks (nothing copied into them), and both decode exactly as one engine."""
+    single, prefill, decode = engines
+    p, d = prefill.engine, decode.engine
+    prompt = list(range(200, 237))  # 37 tokens, new to these engines: 2 full blocks + 5
+    params = [
+        SamplingParams(max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+        for seed in (7, 8)
+    ]
+    expected = [single.generate([prompt], sp)[0].token_ids for sp in params]
+    shared_counts, results = [], {}
+    for i, sp in enumerate(params):
+        rid = f"choice-{i}"
+        p.add_request(rid, prompt, SamplingParams(**vars(sp)), handoff=True)
+        while p.has_unfinished():
+            (out,) = [o for o in p.step() if o.request_id == rid] or [None]
+        src = p.held_block_table(rid)
+        handoff = Handoff(prompt, out.token_ids, None, SamplingParams(**vars(sp)), 0)
+        table, shared = d.reserve_prefilled_sharing(rid, handoff)
+        shared_counts.append(shared)
+        before = d.runner.kv_pool[:, :, table[:shared]].clone()
+        d.runner.kv_pool[:, :, table[shared : len(src)]] = p.runner.kv_pool[:, :, src[shared:]]
+        assert torch.equal(d.runner.kv_pool[:, :, table[:shared]], before)
+        p.release(rid)
+        d.start_prefilled(rid)
+    assert shared_counts == [0, 2]
+    while d.has_unfinished():
+        for out in d.step():
+            if out.finished:
+                results[out.request_id] = out.token_ids
+    assert [results["choice-0"], results["choice-1"]] == expected
+    assert expected[0] != expected[1]  # the choices really differ past the shared prompt
+    for llm in engines:
+        stats = llm.engine.stats()
+        assert stats["num_free_blocks"] == stats["num_blocks"]

@@ -135,6 +135,7 @@ def deployment(request) -> Iterator[Deployment]:
     d = Deployment(
         *POLICIES[request.param], "--block-size", str(BLOCK_SIZE), "--torch-threads", "1"
     )
+    d.policy = request.param
     try:
         yield d
     finally:
@@ -216,21 +217,29 @@ def test_best_of_returns_the_most_likely(oai: openai.OpenAI) -> None:
 
 
 def test_the_prompt_is_prefilled_once(deployment: Deployment, oai: openai.OpenAI) -> None:
-    def prefilled() -> int:
+    def prefilled() -> tuple[int, int]:
         stats = deployment.wait_idle()
         workers = stats["workers"].values()
-        return sum(w["prompt_tokens_total"] for w in workers if w["role"] == "prefill")
+        computed = sum(w["prompt_tokens_total"] for w in workers if w["role"] == "prefill")
+        shared = sum(w["prefix_cache_hits"] for w in workers if w["role"] == "decode")
+        return computed, shared
 
-    before = prefilled()
+    before, decode_hits_before = prefilled()
     # A prompt of its own: one another test cached would skip its full blocks for child 0 too.
     prompt = "Prefilled once, shared by four: " + LONG_PROMPT
     out = oai.completions.create(model="tiny", prompt=prompt, n=4, temperature=1.0, max_tokens=2)
-    computed = prefilled() - before
+    after, decode_hits_after = prefilled()
+    computed = after - before
     tokens = out.usage.prompt_tokens
     shared = (tokens - 1) // BLOCK_SIZE * BLOCK_SIZE  # the full blocks a prefix hit can skip
     assert shared > 0
     # Child 0 computes the whole prompt, the other three only what follows the shared blocks.
     assert computed == tokens + 3 * (tokens - shared), (computed, tokens)
+    # Decoded on a decode worker's own pool (not offloaded), the three later choices share the
+    # first one's full prompt blocks there too: none of them is copied again.
+    offloaded = deployment.policy == "always"
+    expected_hits = 0 if offloaded else 3 * shared // BLOCK_SIZE
+    assert decode_hits_after - decode_hits_before == expected_hits
 
 
 def test_a_client_that_leaves_aborts_every_choice(deployment: Deployment) -> None:
