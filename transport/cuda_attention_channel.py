@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from transport.attention_channel import SEGMENT_PREFIX, BadLinkEndpoint, link_di
 from transport.attention_protocol import NUM_COUNTERS, DecodeSide, ExecutorSide, Release, Wait
 from transport.cuda_ipc_transfer import export_pool, import_pool
 from transport.kv_transfer_base import Endpoint, dtype_to_str
+from transport.polling import poll_until
 from transport.shm_transfer import SharedMemory, _open_untracked
 
 _ALIGN = 256
@@ -149,7 +149,7 @@ class GpuSignals:
         answer); one idle past its timeout is released, and with it the step's later ones."""
         pending, self.pending = self.pending, []
         for i, p in enumerate(pending):
-            while not _await(p.done, p.wait.timeout_s, on_idle):
+            while not poll_until(p.done.query, p.wait.timeout_s, on_idle):
                 same = [q.wait.value for q in pending[i:] if q.wait.index == p.wait.index]
                 release(p.wait, max(same))
 
@@ -162,20 +162,6 @@ class GpuSignals:
     def close(self) -> None:
         self.pending.clear()
         self.host = self.counters = None  # views of the segment, which may be unmapped now
-
-
-def _await(done: torch.cuda.Event, timeout_s: float, on_idle: Callable[[], None] | None) -> bool:
-    start = time.monotonic()
-    next_idle = start + 0.1
-    while not done.query():
-        now = time.monotonic()
-        if now - start > timeout_s:
-            return False
-        if on_idle is not None and now > next_idle:
-            on_idle()
-            next_idle = now + 0.1
-        time.sleep(5e-5)
-    return True
 
 
 class CudaDecodeSideLink(DecodeSide):

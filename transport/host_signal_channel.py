@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from transport.attention_protocol import Release, Wait
+from transport.polling import poll_until
 
 
 def wait_for(
@@ -26,22 +27,15 @@ def wait_for(
 ) -> bool:
     """Spins briefly, then yields the core, until counters[index] >= value; False once timeout_s
     passed. A long wait calls `on_idle` every 0.1 s (a decode worker keeps heartbeating)."""
-    if counters[index] >= value:
-        return True
     start = time.monotonic()
-    next_idle = start + 0.1
-    spins = 0
-    while counters[index] < value:
-        spins += 1
-        if spins > 200:
-            time.sleep(0 if spins < 2000 else 5e-5)  # the cores are shared by several roles
-            now = time.monotonic()
-            if now - start > timeout_s:
-                return False
-            if on_idle is not None and now > next_idle:
-                on_idle()
-                next_idle = now + 0.1
-    return True
+    # A layer's answer often comes within microseconds: spin, then yield, and only then sleep
+    # between polls (a few milliseconds in all, far below any timeout or heartbeat period).
+    for spin in range(2000):
+        if counters[index] >= value:
+            return True
+        if spin >= 200:
+            time.sleep(0)
+    return poll_until(lambda: counters[index] >= value, timeout_s, on_idle, start)
 
 
 class HostSignals:

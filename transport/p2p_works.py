@@ -6,7 +6,6 @@ sent from pinned host memory without a sync and read on the host only at the ste
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from transport.attention_protocol import ChannelTimeout
+from transport.polling import poll_until
 
 _TAG = 0  # gloo keeps one tag's messages in order; NCCL ignores tags
 
@@ -101,7 +101,7 @@ class Works:
         before it (else the group is aborted, so the kernels blocking the stream return)."""
         pending, self.pending = self.pending, []
         for work in pending:
-            if not _poll(work, timeout_s, on_idle):
+            if not poll_until(work.is_completed, timeout_s, on_idle):
                 self._abort(group)
                 raise ChannelTimeout(f"a point-to-point transfer made no progress in {timeout_s}s")
             try:
@@ -117,17 +117,3 @@ class Works:
                 group.abort()
             except Exception:  # spent either way: the abort only frees a blocked stream sooner
                 pass
-
-
-def _poll(work: dist.Work, timeout_s: float, on_idle: Callable[[], None] | None) -> bool:
-    start = time.monotonic()
-    next_idle = start + 0.1
-    while not work.is_completed():
-        now = time.monotonic()
-        if now - start > timeout_s:
-            return False
-        if on_idle is not None and now > next_idle:
-            on_idle()
-            next_idle = now + 0.1
-        time.sleep(5e-5)
-    return True
