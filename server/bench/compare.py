@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 from server.bench.client import (
@@ -142,18 +143,31 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def policy_table(
+    results: dict[str, list[dict]],
+    i: int,
+    rows: list[tuple[str, str, str]],
+    cell: Callable[[dict, str], object],
+) -> list[str]:
+    """One rate's block of a comparison: a column per policy, a line per (key, label, format);
+    cell(row, key) is the value shown ("-" for None)."""
+    policies = list(results)
+    lines = [f"{'':<30}" + "".join(f"{p:>16}" for p in policies)]
+    for key, label, fmt in rows:
+        cells = []
+        for p in policies:
+            value = cell(results[p][i], key)
+            cells.append("-" if value is None else fmt.format(value))
+        lines.append(f"{label:<30}" + "".join(f"{c:>16}" for c in cells))
+    return lines
+
+
 def format_comparison(results: dict[str, list[dict]], rates: list[float]) -> str:
     policies = list(results)
     lines = []
     for i, rate in enumerate(rates):
         lines.append(f"==== request rate {rate:g} req/s " + "=" * 30)
-        lines.append(f"{'':<30}" + "".join(f"{p:>16}" for p in policies))
-        for key, label, fmt in ROWS:
-            cells = []
-            for p in policies:
-                value = results[p][i].get(key)
-                cells.append("-" if value is None else fmt.format(value))
-            lines.append(f"{label:<30}" + "".join(f"{c:>16}" for c in cells))
+        lines += policy_table(results, i, ROWS, lambda row, key: row.get(key))
         if len(policies) == 2:
             a, b = (results[p][i]["output_throughput"] for p in policies)
             if a:

@@ -23,7 +23,13 @@ from server.bench.client import (
     check_args,
     save_result,
 )
-from server.bench.compare import _jsonable, format_comparison, plot_comparison, plot_library
+from server.bench.compare import (
+    _jsonable,
+    format_comparison,
+    plot_comparison,
+    plot_library,
+    policy_table,
+)
 from server.bench.datasets import DatasetError
 from server.bench.metrics import format_table
 from server.simulate.cluster import Workload
@@ -265,13 +271,9 @@ def format_utilisation(results: dict[str, list[dict]], rates: list[float]) -> st
     lines = []
     for i, rate in enumerate(rates):
         lines.append(f"---- simulated utilisation, {rate:g} req/s " + "-" * 24)
-        lines.append(f"{'':<30}" + "".join(f"{p:>16}" for p in names))
-        for key, label, fmt in UTILISATION_ROWS:
-            cells = []
-            for p in names:
-                value = results[p][i]["simulated"].get(key)
-                cells.append("-" if value is None else fmt.format(value))
-            lines.append(f"{label:<30}" + "".join(f"{c:>16}" for c in cells))
+        lines += policy_table(
+            results, i, UTILISATION_ROWS, lambda row, key: row["simulated"].get(key)
+        )
     hardware = results[names[0]][0]["simulated"]["hardware"]
     lines.append(f"(simulated on {hardware})")
     return "\n".join(lines)
