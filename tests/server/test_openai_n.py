@@ -228,17 +228,22 @@ def test_the_prompt_is_prefilled_once(deployment: Deployment, oai: openai.OpenAI
     # A prompt of its own: one another test cached would skip its full blocks for child 0 too.
     prompt = "Prefilled once, shared by four: " + LONG_PROMPT
     out = oai.completions.create(model="tiny", prompt=prompt, n=4, temperature=1.0, max_tokens=2)
-    after, decode_hits_after = prefilled()
-    computed = after - before
     tokens = out.usage.prompt_tokens
     shared = (tokens - 1) // BLOCK_SIZE * BLOCK_SIZE  # the full blocks a prefix hit can skip
     assert shared > 0
+    offloaded = deployment.policy == "always"
+    expected_hits = 0 if offloaded else 3 * shared // BLOCK_SIZE
+    expected = (before + tokens + 3 * (tokens - shared), decode_hits_before + expected_hits)
+    # Workers' counters reach /stats with their next heartbeat, later on a loaded machine.
+    deadline = time.monotonic() + 10
+    while (counts := prefilled()) != expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+    after, decode_hits_after = counts
+    computed = after - before
     # Child 0 computes the whole prompt, the other three only what follows the shared blocks.
     assert computed == tokens + 3 * (tokens - shared), (computed, tokens)
     # Decoded on a decode worker's own pool (not offloaded), the three later choices share the
     # first one's full prompt blocks there too: none of them is copied again.
-    offloaded = deployment.policy == "always"
-    expected_hits = 0 if offloaded else 3 * shared // BLOCK_SIZE
     assert decode_hits_after - decode_hits_before == expected_hits
 
 
