@@ -28,19 +28,31 @@ class RemoteStep(Protocol):
         ...
 
     def receive(self, layer: int) -> torch.Tensor:
-        """The offloaded rows' attention output [rows, num_heads, head_dim]."""
+        """The offloaded rows' attention output [rows, num_heads, head_dim]. The last layer's
+        raises RemoteAttentionError for a failed step, unless the step is graphed."""
+        ...
+
+    def replayed(self) -> None:
+        """A graphed step only, once the CUDA graph holding its sends and receives ran: checks
+        the step as an eager step's last receive() does."""
         ...
 
 
 class RemoteAttention(Protocol):
     """A client may set `graph_safe = True` when its steps' per-layer send/receive only enqueue
     device work that reads per-step state (sequence numbers) from device memory: decode steps
-    with offloaded rows are then captured in CUDA graphs too. Without it they run eagerly."""
+    with offloaded rows are then captured in CUDA graphs too. Without it they run eagerly.
+    Such a client counts its links in `links_generation`: a graph captured over a link's
+    buffers is stale once the link is replaced."""
 
     def begin_step(
-        self, num_local_tokens: int, groups: list[tuple[str, list[tuple[str, int]]]]
+        self,
+        num_local_tokens: int,
+        groups: list[tuple[str, list[tuple[str, int]]]],
+        graphed: bool = False,
     ) -> RemoteStep:
-        """Announces a step: per executor, (request id, position of its new token) in row order."""
+        """Announces a step: per executor, (request id, position of its new token) in row order.
+        graphed: a CUDA graph captures or replays the step (see RemoteStep.replayed)."""
         ...
 
     def release(self, executor: str, request_id: str) -> None:

@@ -24,9 +24,10 @@ class SpanTimer:
             self._host.append([time.perf_counter(), 0.0])
             return
         if self._count == len(self._events):
-            self._events.append(
-                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            )
+            # External: a CUDA graph captured over a span records its events on each replay.
+            self._events.append(tuple(
+                torch.cuda.Event(enable_timing=True, external=True) for _ in range(2)
+            ))  # fmt: skip
         self._events[self._count][0].record()
 
     def stop(self) -> None:
@@ -45,6 +46,14 @@ class SpanTimer:
         if count:
             self._events[count - 1][1].synchronize()
         return [start.elapsed_time(end) for start, end in self._events[:count]]
+
+    def replayed(self, count: int) -> None:
+        """A CUDA graph captured over `count` spans (started with none unread) has run: its
+        events hold this replay's spans. On the CPU each span was timed as its work ran."""
+        if self.cuda:
+            if count > len(self._events):
+                raise RuntimeError(f"a replay of {count} spans, {len(self._events)} captured")
+            self._count = count
 
     def discard(self) -> None:
         self._host.clear()

@@ -19,8 +19,9 @@ from engine.step_inputs import HostStep, check_context_lengths
 
 log = logging.getLogger(__name__)
 
-# (bucket, local rows, ((executor, offloaded rows), ...)): the shapes a graph bakes in.
-GraphKey = tuple[int, int, tuple[tuple[str, int], ...]]
+# (bucket, local rows, ((executor, offloaded rows), ...), links generation): what a graph bakes
+# in, the shapes and the buffers of the links it posts to (generation 0 without offloaded rows).
+GraphKey = tuple[int, int, tuple[tuple[str, int], ...], int]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -62,8 +63,10 @@ class DecodeGraphs:
         self.block_tables = static(pad_block, rows, width, dtype=torch.int32)  # [rows, width]
         self.hidden = torch.zeros(rows, hidden_size, dtype=dtype, device=device)  # graph output
         self._no_prefills = torch.zeros(0, dtype=torch.int32, device=device)
-        self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
+        self.device = device
+        self.graphs: dict[GraphKey, torch.cuda.CUDAGraph | CallGraph] = {}
         self.seen: set[GraphKey] = set()  # keys run eagerly once, captured when seen again
+        self.links_generation = 0
         self._pool = None  # the memory pool every graph shares
 
     def bucket(self, num_rows: int) -> int | None:
@@ -99,13 +102,26 @@ class DecodeGraphs:
             decode_max_seq_len=max_seq_len,
         )
 
-    def replay(self, key: GraphKey) -> torch.Tensor | None:
-        """The step's final hidden states [bucket, hidden] from its graph, None without one."""
+    def replay(self, key: GraphKey, forward: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The step's final hidden states [bucket, hidden] from its graph, None without one.
+        `forward` is the step's own eager run, which only the stand-in off CUDA calls."""
         graph = self.graphs.get(key)
         if graph is None:
             return None
-        graph.replay()
+        if isinstance(graph, CallGraph):
+            self.hidden[: key[0]] = forward()
+        else:
+            graph.replay()
         return self.hidden[: key[0]]
+
+    def links_changed(self, generation: int) -> None:
+        """Forgets the graphs over offloaded rows captured over links since replaced."""
+        if generation == self.links_generation:
+            return
+        self.links_generation = generation
+        for key in [k for k in (*self.graphs, *self.seen) if k[2] and k[3] != generation]:
+            self.graphs.pop(key, None)
+            self.seen.discard(key)
 
     def capture(self, key: GraphKey, forward: Callable[[], torch.Tensor], warm_up: bool) -> None:
         """Records `forward` (hidden states over the static rows of key's bucket). A warm-up
@@ -115,6 +131,9 @@ class DecodeGraphs:
         rows = key[0]
         if warm_up:
             self.hidden[:rows] = forward()
+        if self.device.type != "cuda":
+            self.graphs[key] = CallGraph()
+            return
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
@@ -123,6 +142,13 @@ class DecodeGraphs:
             self._pool = graph.pool()
         torch.cuda.synchronize()
         self.graphs[key] = graph
+
+
+class CallGraph:
+    """A graph's stand-in off CUDA: its replay runs the step eagerly over the same static
+    buffers, with the same metadata views. Nothing is faster for it; it lets the bookkeeping
+    around graphs (keys, capture on a key's second step, the host state an offloaded step
+    restores after a replay) run, and be tested, on the CPU."""
 
 
 def _copy(dst: torch.Tensor, values: np.ndarray) -> None:

@@ -245,34 +245,45 @@ class ModelRunner:
         graphs, key = self.decode_graphs, self._graph_key(layout, step)
         max_seq_len = self.config.batch.max_model_len if key else step.max_seq_len
         input_ids, positions, meta = graphs.load(step, max_seq_len)
-        self._begin_remote(meta, layout, step)
+        # A key's first step runs eagerly (the warm-up: running it twice would repeat an
+        # offloaded step's exchange with its executors); from its second on, a graph runs it.
+        graphed = key is not None and (key in graphs.graphs or key in graphs.seen)
+        self._begin_remote(meta, layout, step, graphed)
         forward = partial(self.model, input_ids, positions, self.kv_pool, meta, self.backend)
-        if key is None:
+        if not graphed:
+            if key is not None:
+                graphs.seen.add(key)
             return forward()
-        hidden = graphs.replay(key)
-        if hidden is not None:
-            return hidden
-        if key not in graphs.seen:  # a first step with these offloaded rows is the warm-up
-            graphs.seen.add(key)
-            return forward()
-        graphs.capture(key, forward, warm_up=False)
-        return graphs.replay(key)
+        if key not in graphs.graphs:
+            graphs.capture(key, forward, warm_up=False)
+        hidden = graphs.replay(key, forward)
+        if meta.remote is not None:
+            meta.remote.replayed()  # raises for a refused or timed-out step, as eager ones do
+        return hidden
 
     def _graph_key(self, layout: StepLayout, step: HostStep) -> GraphKey | None:
         if not self.use_graphs:
             return None
         groups = tuple((executor, len(rows)) for executor, rows in layout.offloaded_groups())
+        if not groups:
+            return step.num_tokens, step.num_local_tokens, (), 0
         # The per-layer channel's signals take per-step sequence numbers as launch arguments
         # unless the channel keeps them in device memory and says so (graph_safe): steps with
         # offloaded rows over any other channel run eagerly, padded all the same.
-        if groups and not getattr(self.remote, "graph_safe", False):
+        if not getattr(self.remote, "graph_safe", False):
             return None
-        return step.num_tokens, step.num_local_tokens, groups
+        generation = self.remote.links_generation
+        self.decode_graphs.links_changed(generation)
+        return step.num_tokens, step.num_local_tokens, groups, generation
 
-    def _begin_remote(self, meta: AttentionMetadata, layout: StepLayout, step: HostStep) -> None:
+    def _begin_remote(
+        self, meta: AttentionMetadata, layout: StepLayout, step: HostStep, graphed: bool = False
+    ) -> None:
         if layout.num_local < len(layout.seqs):
             assert self.remote is not None, "offloaded sequences need a remote attention client"
-            meta.remote = self.remote.begin_step(step.num_local_tokens, layout.offloaded_groups())
+            meta.remote = self.remote.begin_step(
+                step.num_local_tokens, layout.offloaded_groups(), graphed=graphed
+            )
 
     def _metadata(self, step: HostStep) -> AttentionMetadata:
         """The step's attention metadata on the device (eager steps)."""
@@ -305,7 +316,7 @@ class ModelRunner:
             step = padding_step(rows, self.pad_block, self.block_size)
             input_ids, positions, meta = graphs.load(step, max_len)
             forward = partial(self.model, input_ids, positions, self.kv_pool, meta, self.backend)
-            graphs.capture((rows, rows, ()), forward, warm_up=True)
+            graphs.capture((rows, rows, (), 0), forward, warm_up=True)
         log.info("captured CUDA graphs for decode batches of %s", graphs.sizes)
 
     def _on_device(self, values: np.ndarray) -> torch.Tensor:

@@ -95,6 +95,12 @@ class Signals(Protocol):
         """A plain host store, seen by the peer and by this side's pending waits."""
         ...
 
+    def replayed(self, waits: list[Wait]) -> None:
+        """A CUDA graph captured over wait() calls for a step has run for another step: its
+        waits, in order, are these (the graph's waits read their numbers from begin_step's
+        memory). drain() must then poll them as if wait() had just enqueued them."""
+        ...
+
 
 class DecodeSide:
     """The decode worker's end: posts a layer's rows, collects its output, checks the step."""
@@ -131,10 +137,32 @@ class DecodeSide:
         on_idle: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """The layer's output rows; valid only once check() passed for the step."""
+        out = self.enqueue_collect(seq_no, step_id, n, timeout_s, on_idle)
+        self._step, self._timeout_s = step_id, max(self._timeout_s, timeout_s)
+        return out
+
+    def enqueue_collect(
+        self,
+        seq_no: int,
+        step_id: int,
+        n: int,
+        timeout_s: float,
+        on_idle: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """collect()'s work on the link alone, which is what a CUDA graph of the step holds:
+        without the host state check() reads, which replayed() restores after a replay."""
         wait = Wait(RESPONSE, seq_no, DECODE_FAILED, step_id + 1, timeout_s)
         self.signals.wait(wait, False, on_idle)
-        self._step, self._timeout_s = step_id, max(self._timeout_s, timeout_s)
         return self.tensors["out"][:n].clone()  # the next layer overwrites `out`
+
+    def replayed(self, step_id: int, seq_nos: range, timeout_s: float) -> None:
+        """A CUDA graph posted and collected (enqueue_collect) these layers of the step without
+        running any host code: leaves what collect() would have left, so that check() still
+        raises for a refused or timed-out step instead of passing stale output on."""
+        self.signals.replayed(
+            [Wait(RESPONSE, seq_no, DECODE_FAILED, step_id + 1, timeout_s) for seq_no in seq_nos]
+        )
+        self._step, self._timeout_s = step_id, timeout_s
 
     def check(self, on_idle: Callable[[], None] | None = None) -> None:
         """Run at the step's end: raises StepRefused or ChannelTimeout for the step collected."""

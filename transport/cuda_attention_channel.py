@@ -133,7 +133,8 @@ class GpuSignals:
         gpu_signal.wait_value(self.counters, wait.index, wait.value, int(wait.timeout_s * 1e9),
                               wait.fail_index, wait.fail_value, exact, self.base)  # fmt: skip
         if len(self._events) <= len(self.pending):
-            self._events.append(torch.cuda.Event())
+            # External: captured in a graph, the record is a node that each replay runs again.
+            self._events.append(torch.cuda.Event(external=True))
         done = self._events[len(self.pending)]
         done.record()
         self.pending.append(_Pending(wait, done))
@@ -158,6 +159,14 @@ class GpuSignals:
 
     def store(self, index: int, value: int) -> None:
         self.host[index] = value
+
+    def replayed(self, waits: list[Wait]) -> None:
+        """The graph's k-th wait recorded _events[k]: a step starts with nothing pending (its
+        check() drained the last one), so a capture's waits took the events in order."""
+        if len(waits) > len(self._events):
+            raise RuntimeError(f"a replay of {len(waits)} waits, but only {len(self._events)} "
+                               "were ever captured")  # fmt: skip
+        self.pending = [_Pending(wait, done) for wait, done in zip(waits, self._events)]
 
     def close(self) -> None:
         self.pending.clear()

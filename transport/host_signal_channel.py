@@ -76,5 +76,8 @@ class HostSignals:
     def store(self, index: int, value: int) -> None:
         self.counters[index] = value
 
+    def replayed(self, waits: list[Wait]) -> None:
+        pass  # no graph holds host waits: a stand-in replay on the CPU ran each as it came
+
     def close(self) -> None:
         self.counters = None  # the last view of the mapping: it may be unmapped now

@@ -48,7 +48,11 @@ class ExecutorConnection:
 
 
 class OffloadStep:
-    """One decode step's offloaded rows, [num_local_tokens, end), grouped by executor."""
+    """One decode step's offloaded rows, [num_local_tokens, end), grouped by executor.
+
+    A graphed step is one a CUDA graph captures or replays: its receive() enqueues only, and
+    the runner calls replayed() after the graph ran, which checks the step as the last layer's
+    receive() checks an eager one."""
 
     def __init__(
         self,
@@ -57,6 +61,7 @@ class OffloadStep:
         num_layers: int,
         groups: list[tuple[str, ExecutorConnection, int]],
         client: OffloadClient,
+        graphed: bool = False,
     ) -> None:
         self.client = client
         self.on_idle = client.on_idle
@@ -64,6 +69,7 @@ class OffloadStep:
         self.step_id = step_id
         self.num_layers = num_layers
         self.groups = groups  # (executor, connection, rows)
+        self.graphed = graphed
 
     def _seq_no(self, layer: int) -> int:
         return self.step_id * self.num_layers + layer + 1
@@ -80,19 +86,28 @@ class OffloadStep:
         self.client.wait_timer.start()
         outs = []
         for executor, conn, rows in self.groups:
+            collect = conn.link.enqueue_collect if self.graphed else conn.link.collect
             try:
                 outs.append(
-                    conn.link.collect(
-                        self._seq_no(layer), self.step_id, rows, LAYER_TIMEOUT_S, self.on_idle
-                    )
+                    collect(self._seq_no(layer), self.step_id, rows, LAYER_TIMEOUT_S, self.on_idle)
                 )
             except (ChannelTimeout, StepRefused) as exc:
                 self.client.wait_timer.discard()
                 raise RemoteAttentionError(executor, str(exc)) from exc
         self.client.wait_timer.stop()
-        if layer == self.num_layers - 1:
+        if layer == self.num_layers - 1 and not self.graphed:
             self.finish()
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def replayed(self) -> None:
+        """After a graph of this step ran (captured for it, or for an earlier step of the same
+        shape): restores the host state its collects would have left, then checks the step."""
+        first = self._seq_no(0)
+        for _, conn, _ in self.groups:
+            conn.link.replayed(self.step_id, range(first, first + self.num_layers),
+                               LAYER_TIMEOUT_S)  # fmt: skip
+        self.client.wait_timer.replayed(self.num_layers)
+        self.finish()
 
     def finish(self) -> None:
         """Raises a link's deferred failure (timeout, refusal) for this step: collect() only
@@ -130,21 +145,13 @@ class OffloadClient:
         # near zero when the executors' work hides behind the local work, as intended.
         self.roundtrip_ms = 0.0
         self.wait_timer = SpanTimer(self.device)
+        self.links_generation = 0
 
     @property
     def graph_safe(self) -> bool:
-        """Whether a CUDA graph captured over a step's send/receive may replay for later steps.
-
-        False for now, even where every link's signals read the step's numbers from memory
-        (`links_graph_safe`): a replay skips collect()'s host bookkeeping (the step id, timeout
-        and pending waits that check() reads), so check() could miss a refused or late step and
-        the decode worker would use stale attention. Offloaded steps run eagerly until the
-        replay restores that state."""
-        return False
-
-    @property
-    def links_graph_safe(self) -> bool:
-        """Every link's signals read the step's numbers from memory (Triton GPU signals)."""
+        """Whether a CUDA graph captured over a step's send/receive may replay for later steps:
+        every link's signals read the step's numbers from memory (Triton GPU signals). A replay
+        skips collect()'s host bookkeeping; OffloadStep.replayed() restores it."""
         links = [conn.link for conn in self.executors.values()]
         return bool(links) and all(getattr(link, "graph_safe", False) for link in links)
 
@@ -163,6 +170,7 @@ class OffloadClient:
         conn = ExecutorConnection(self.ctx, address, link, self.instance, self.cluster_key)
         conn.sock.send(encode(AttachLink(self.instance, conn.link.endpoint)))
         self.executors[executor] = conn
+        self.links_generation += 1  # graphs captured over the old link's buffers are stale
         log.info("offloading attention to %s at %s", executor, address)
 
     def _make_link(self, executor: str, executor_gpu_uuid: str):
@@ -187,7 +195,10 @@ class OffloadClient:
         return DecodeSideLink(*self.shape)
 
     def begin_step(
-        self, num_local_tokens: int, groups: list[tuple[str, list[tuple[str, int]]]]
+        self,
+        num_local_tokens: int,
+        groups: list[tuple[str, list[tuple[str, int]]]],
+        graphed: bool = False,
     ) -> OffloadStep:
         self.step_id += 1
         planned = []
@@ -208,7 +219,7 @@ class OffloadClient:
             # The link's signals take the step's numbers from here (graph-safe ones, from memory).
             conn.link.begin_step(self.step_id, self.step_id * self.num_layers + 1)
             planned.append((executor, conn, len(entries)))
-        return OffloadStep(num_local_tokens, self.step_id, self.num_layers, planned, self)
+        return OffloadStep(num_local_tokens, self.step_id, self.num_layers, planned, self, graphed)
 
     def release(self, executor: str, request_id: str) -> None:
         conn = self.executors.get(executor)

@@ -110,13 +110,26 @@ def test_padding_rows_write_only_the_padding_block() -> None:
     assert sum(padded_steps) > 0 and llm.engine.stats()["num_blocks"] == KWARGS["num_blocks"]
 
 
-def offloaded_run(pad: bool, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """Odd requests' attention runs on an in-process executor, the others locally."""
+def offloaded_run(
+    pad: bool, prompts: list[list[int]], params: SamplingParams, graphs: bool = False
+) -> list[list[int]]:
+    """Odd requests' attention runs on an in-process executor, the others locally. graphs:
+    decode steps go through the CPU's graph stand-in, offloaded ones too (a graph-safe remote)."""
     kwargs = dict(num_blocks=64, block_size=16, max_model_len=256)
     prefill = LLM("tiny", **kwargs).engine
     decode = LLM("tiny", pad_decode=pad, **kwargs).engine
     remote = InProcessRemote(decode.model_config)
     decode.remote = decode.runner.remote = remote
+    if graphs:
+        decode.runner.use_graphs = remote.graph_safe = True
+        replays, replay = [], decode.runner.decode_graphs.replay
+
+        def noted_replay(key, forward):
+            hidden = replay(key, forward)
+            replays.append((key, hidden is not None))
+            return hidden
+
+        decode.runner.decode_graphs.replay = noted_replay
     for i, prompt in enumerate(prompts):
         prefill.add_request(f"r{i}", prompt, SamplingParams(**vars(params)), handoff=True)
     firsts = {}
@@ -141,7 +154,37 @@ def offloaded_run(pad: bool, prompts: list[list[int]], params: SamplingParams) -
     stats = decode.stats()
     assert stats["num_free_blocks"] == stats["num_blocks"]
     assert remote.executor.blocks.num_free_blocks == remote.executor.blocks.num_blocks
+    if graphs:
+        offloaded = [key for key, ran in replays if ran and key[2]]
+        # Every replay of a step with offloaded rows was checked once, after it ran.
+        assert offloaded and remote.replayed == len(offloaded)
+        assert all(key[3] == remote.links_generation for key in offloaded)
+        # Each shape was captured on its second step, so one step per key ran eagerly.
+        captured = decode.runner.decode_graphs.graphs
+        assert set(captured) <= decode.runner.decode_graphs.seen
+        assert len(replays) == sum(ran for _, ran in replays)
     return [results[f"r{i}"] for i in range(len(prompts))]
+
+
+def test_graphed_steps_with_offloaded_rows_give_local_tokens() -> None:
+    # Mixed local + offloaded steps through graphs (the CPU stand-in replays eagerly): a key is
+    # (bucket, local rows, rows per executor, links generation); a replayed step is checked
+    # by replayed(), not by its last layer's receive.
+    prompts, params = PROMPTS[1:6], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    local = [o.token_ids for o in LLM("tiny", **KWARGS).generate(prompts, params)]
+    assert offloaded_run(True, prompts, params, graphs=True) == local
+
+
+def test_graphs_over_replaced_links_are_dropped() -> None:
+    graphs = DecodeGraphs(8, 64, 16, 0, 8, torch.float32, torch.device("cpu"))
+    local, old = (4, 4, (), 0), (4, 2, (("attention-0", 2),), 1)
+    for key in (local, old):
+        graphs.capture(key, lambda: torch.zeros(4, 8), warm_up=False)
+        graphs.seen.add(key)
+    graphs.links_changed(1)
+    assert set(graphs.graphs) == {local, old}
+    graphs.links_changed(2)  # a link was replaced: graphs posting to the old buffers go
+    assert set(graphs.graphs) == {local} and graphs.seen == {local}
 
 
 def test_padded_steps_with_offloaded_rows_give_local_tokens() -> None:

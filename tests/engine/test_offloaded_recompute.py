@@ -19,9 +19,10 @@ PARAMS = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 
 
 class InProcessStep:
-    def __init__(self, remote: InProcessRemote, n_local: int, groups) -> None:
+    def __init__(self, remote: InProcessRemote, n_local: int, groups, graphed: bool) -> None:
         self.num_local_tokens = n_local
         self.remote = remote
+        self.graphed = graphed
         ((_, entries),) = groups
         self.ids = [r for r, _ in entries]
         self.positions = [p for _, p in entries]
@@ -42,6 +43,10 @@ class InProcessStep:
             self.remote.executor.commit(self.ids, self.positions)
         return self.out
 
+    def replayed(self) -> None:
+        assert self.graphed, "replayed() is for graphed steps only"
+        self.remote.replayed += 1
+
 
 class InProcessRemote:
     def __init__(self, cfg, fail_after: int | None = None) -> None:
@@ -52,6 +57,8 @@ class InProcessRemote:
         self.fail_after = fail_after
         self.layers_served = 0
         self.released: list[str] = []
+        self.replayed = 0  # graphed steps checked after their replay
+        self.links_generation = 1
 
     def share_pool(self, prefill_pool: torch.Tensor, extra_blocks: int) -> None:
         """The prefill worker's pool with the executor's own blocks at its tail (a copy here,
@@ -60,8 +67,8 @@ class InProcessRemote:
         pool = torch.cat([prefill_pool, tail], dim=2)
         self.executor = AttentionExecutor(pool, self.backend, prefill_pool.shape[2], extra_blocks)
 
-    def begin_step(self, n_local, groups):
-        return InProcessStep(self, n_local, groups)
+    def begin_step(self, n_local, groups, graphed=False):
+        return InProcessStep(self, n_local, groups, graphed)
 
     def release(self, executor, request_id):
         self.released.append(request_id)

@@ -49,8 +49,8 @@ link.close()
 """
 
 
-def _start_executor(endpoint: dict, refuse_step: int = -1) -> subprocess.Popen:
-    args = json.dumps([endpoint, LAYERS, STEPS, ROWS, refuse_step])
+def _start_executor(endpoint: dict, refuse_step: int = -1, steps: int = STEPS) -> subprocess.Popen:
+    args = json.dumps([endpoint, LAYERS, steps, ROWS, refuse_step])
     return subprocess.Popen(
         [sys.executable, "-c", EXECUTOR, args], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
@@ -201,3 +201,55 @@ def test_cuda_ipc_link_times_out_on_a_dead_executor(executors) -> None:
     torch.cuda.synchronize()  # the stream runs on: nothing is left blocked
     assert time.monotonic() - started < 30
     link.close()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_ipc_steps_replay_from_one_captured_graph(executors) -> None:
+    # A decode step's per-layer exchange captured once in a CUDA graph and replayed for the
+    # later steps: the Triton signals read each step's numbers from memory, and replayed()
+    # gives check() the host state the graph skipped, so the refused step still raises.
+    from transport import gpu_signal
+    from transport.cuda_attention_channel import CudaDecodeSideLink
+
+    if gpu_signal.backend() != "triton":
+        pytest.skip("graph-safe signals are the Triton ones")
+    steps, refused = 5, 3
+    link = CudaDecodeSideLink(**SHAPE, dtype=torch.float32, device="cuda")
+    executors.append(_start_executor(link.endpoint, refuse_step=refused, steps=steps))
+    q = torch.zeros(ROWS, SHAPE["num_heads"], SHAPE["head_dim"], device="cuda")
+    k = torch.zeros(ROWS, SHAPE["num_kv_heads"], SHAPE["head_dim"], device="cuda")
+
+    def layers(step: int, collect) -> torch.Tensor:
+        outs = []
+        for layer in range(LAYERS):
+            seq_no = step * LAYERS + layer + 1
+            link.post(seq_no, q, k, k)
+            outs.append(collect(seq_no, step, ROWS, 10.0))
+        return torch.stack(outs)
+
+    def expected(step: int) -> torch.Tensor:
+        return torch.stack([q * 2 + step * LAYERS + layer + 1 for layer in range(LAYERS)])
+
+    link.begin_step(0, 1)  # eagerly first: compiles the Triton signals outside the graph
+    out = layers(0, link.collect)
+    link.check()
+    assert torch.equal(out, expected(0))
+    graph = torch.cuda.CUDAGraph()
+    for step in range(1, steps):
+        link.begin_step(step, step * LAYERS + 1)
+        q.fill_(step)
+        if step == 1:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                out = layers(1, link.enqueue_collect)
+        graph.replay()
+        link.replayed(step, range(step * LAYERS + 1, (step + 1) * LAYERS + 1), 10.0)
+        if step == refused:
+            with pytest.raises(StepRefused, match=f"refused step {refused}"):
+                link.check()
+            continue
+        link.check()
+        assert torch.equal(out, expected(step)), f"step {step}"
+    link.close()
+    _finish(executors[0])

@@ -181,3 +181,65 @@ def test_a_step_the_decode_side_gave_up_on_is_not_committed(link, executors) -> 
     # it) and serves step 2 exactly.
     run_step(link, 2)
     assert executors[0].outcomes(3) == [[1, "timeout"], [2, "ok"], ["done"]]
+
+
+def graphed_step(link: DecodeSideLink, step: int, timeout_s: float = 10.0) -> list:
+    """A step as a CUDA graph runs it: posts and enqueue_collect only, no host bookkeeping.
+    (out, q) per layer."""
+    outs = []
+    for layer in range(LAYERS):
+        q, k, v = rows(seq_no(step, layer))
+        link.post(seq_no(step, layer), q, k, v)
+        outs.append((link.enqueue_collect(seq_no(step, layer), step, ROWS, timeout_s), q))
+    return outs
+
+
+def test_a_replayed_step_is_checked_as_an_eager_one(link, executors) -> None:
+    executors.append(Executor(link.endpoint, [{"step": 1}, {"step": 2, "refuse": True}]))
+    outs = graphed_step(link, 1)
+    link.replayed(1, range(seq_no(1, 0), seq_no(1, LAYERS)), 10.0)
+    link.check()
+    assert all(torch.equal(out, q * 2 + seq_no(1, i)) for i, (out, q) in enumerate(outs))
+
+    graphed_step(link, 2)
+    link.check()  # what a replay leaves on the host says nothing of the refused step ...
+    link.replayed(2, range(seq_no(2, 0), seq_no(2, LAYERS)), 10.0)
+    with pytest.raises(StepRefused, match="refused step 2"):
+        link.check()  # ... until replayed() restores it
+    assert executors[0].outcomes(3) == [[1, "ok"], [2, "refused"], ["done"]]
+
+    graphed_step(link, 3, timeout_s=0.3)  # the executor is gone
+    link.replayed(3, range(seq_no(3, 0), seq_no(3, LAYERS)), 0.3)
+    with pytest.raises(ChannelTimeout, match="within 0.3s in step 3"):
+        link.check()
+
+
+def test_a_graphed_offload_step_raises_from_replayed(link, executors) -> None:
+    from types import SimpleNamespace
+
+    from attention.remote import RemoteAttentionError
+    from server.roles.offload_client import OffloadClient, OffloadStep
+
+    executors.append(Executor(link.endpoint, [{"step": 1, "refuse": True}, {"step": 2}]))
+    client = OffloadClient("decode-0", LAYERS, 4, HEADS, KV_HEADS, HEAD_DIM, torch.float32)
+    groups = [("attention-0", SimpleNamespace(link=link), ROWS)]
+    # The executor refuses step 1 without waiting for it: past that, it is up (a layer's
+    # timeout here is the client's, 2 s, shorter than a loaded machine's interpreter start).
+    assert executors[0].outcomes(1) == [[1, "refused"]]
+    try:
+        for step_id, refused in ((1, True), (2, False)):
+            step = OffloadStep(0, step_id, LAYERS, groups, client, graphed=True)
+            outs = []
+            for layer in range(LAYERS):  # a graphed step's last receive checks nothing
+                q, k, v = rows(seq_no(step_id, layer))
+                step.send(layer, q, k, v)
+                outs.append((step.receive(layer), q))
+            if refused:
+                with pytest.raises(RemoteAttentionError, match="attention-0.*refused step 1"):
+                    step.replayed()
+                continue
+            step.replayed()
+            assert all(torch.equal(out, q * 2 + seq_no(2, i)) for i, (out, q) in enumerate(outs))
+            assert client.roundtrip_ms > 0  # the replayed step's waits were timed
+    finally:
+        client.close()
