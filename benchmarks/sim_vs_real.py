@@ -156,6 +156,58 @@ class Background:
         self.competitors = sum(self._samples) / max(1, len(self._samples))
 
 
+class Gauges:
+    """The deployment's own account of a run: its /metrics gauges (moving averages the workers
+    heartbeat) sampled every SAMPLE_S while the decode worker is busy, then averaged. It says
+    where a miss comes from: the batch, the share offloaded, the executor's layer, the wait."""
+
+    SAMPLE_S = 0.25
+    NAMES = {
+        'adrenaline:decode_batch_size{instance="decode-0",role="decode"}': "decode_batch",
+        'adrenaline:num_requests_running{instance="attention-0",role="attention"}': "offloaded",
+        'adrenaline:step_time_seconds{instance="decode-0",role="decode"}': "decode_step_ms",
+        'adrenaline:executor_attention_time_seconds{instance="attention-0",role="attention"}':
+            "executor_layer_ms",
+        'adrenaline:offload_roundtrip_seconds{instance="decode-0",role="decode"}':
+            "layer_wait_ms",
+    }  # fmt: skip
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.wait(self.SAMPLE_S):
+                try:
+                    text = client.get(f"{self.url}/metrics").text
+                except httpx.HTTPError:
+                    continue
+                found = {}
+                for line in text.splitlines():
+                    name, _, value = line.rpartition(" ")
+                    if name in self.NAMES:
+                        scale = 1000 if self.NAMES[name].endswith("_ms") else 1
+                        found[self.NAMES[name]] = float(value) * scale
+                if found.get("decode_batch"):
+                    self._samples.append(found)
+
+    def __enter__(self) -> Gauges:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def means(self) -> dict[str, float]:
+        keys = set(self.NAMES.values())
+        return {k: round(sum(s.get(k, 0.0) for s in self._samples) / max(1, len(self._samples)),
+                         3) for k in sorted(keys)}  # fmt: skip
+
+
 # The two runs -----------------------------------------------------------------------------------
 
 
@@ -179,7 +231,7 @@ def real_runs(args, bargs, profile_path: Path, policy: str, rates: list[float]) 
         rows = []
         for rate in rates:
             offsets = arrival_times(len(requests), rate, bargs.seed)
-            with Background(ours) as background:
+            with Background(ours) as background, Gauges(server.url) as gauges:
                 records, duration = asyncio.run(benchmark(
                     server.url + "/v1/completions", bodies, [r.prompt_len for r in requests],
                     offsets, None, 3600.0, show_progress=False,
@@ -187,7 +239,7 @@ def real_runs(args, bargs, profile_path: Path, policy: str, rates: list[float]) 
             row = aggregate(records, duration)
             row.update(request_rate=rate, background_cores=background.cores,
                        deployment_cores=background.ours_cores,
-                       competitors=background.competitors)  # fmt: skip
+                       competitors=background.competitors, gauges=gauges.means())  # fmt: skip
             rows.append(row)
         return rows
     finally:

@@ -1,6 +1,6 @@
 """The load-aware policy's cost model: decode step time, executor attention time and prefill time
-as linear functions of load, fitted by least squares from a device profile (`adrenaline
-profile`), and corrected online by the ratio of measured to predicted times while serving.
+as functions of load, fitted by least squares from a device profile (`adrenaline profile`), and
+corrected online by the ratio of measured to predicted times while serving.
 
 Plain data and arithmetic; the only I/O is reading and writing a profile's JSON.
 """
@@ -30,13 +30,17 @@ class CostModel:
     decode step   = a + b * batch + c * local context tokens   (one step of a decode worker)
     decode layer  = decode step / num_layers                    (the window attention overlaps)
     attention     = e0 + e1 * offloaded tokens + e2 * batch     (one layer, on the executor)
-    prefill       = p0 + p1 * prompt tokens                     (one prefill step)
+    prefill       = p0 + p1 * prompt tokens + p2 * prompt tokens^2   (one prefill step)
+
+    A prefill's attention grows with the square of the prompt, and a short prompt's step is
+    mostly fixed cost: a line fitted over 64 to 2048 tokens put a 4-token prefill at a tenth of
+    its measured time. p2 may be left out (a profile of two coefficients: p2 = 0).
     """
 
     num_layers: int
     decode: tuple[float, float, float]
     attention: tuple[float, float, float]
-    prefill: tuple[float, float]
+    prefill: tuple[float, ...]  # (p0, p1) or (p0, p1, p2)
     model: str = ""
     device: str = ""
 
@@ -54,8 +58,8 @@ class CostModel:
         return max(0.0, e0 + e1 * offloaded_tokens + e2 * batch)
 
     def prefill_ms(self, tokens: int) -> float:
-        p0, p1 = self.prefill
-        return max(0.0, p0 + p1 * tokens)
+        p0, p1, p2 = (*self.prefill, 0.0)[:3]
+        return max(0.0, p0 + p1 * tokens + p2 * tokens * tokens)
 
     # Profiles ---------------------------------------------------------------------------------
 
@@ -73,7 +77,7 @@ class CostModel:
                 num_layers=int(data["num_layers"]),
                 decode=_floats(data["decode"], 3),
                 attention=_floats(data["attention"], 3),
-                prefill=_floats(data["prefill"], 2),
+                prefill=_floats(data["prefill"], 2, 3),
                 model=str(data.get("model", "")),
                 device=str(data.get("device", "")),
             )
@@ -96,21 +100,29 @@ def builtin_profile() -> CostModel:
     return CostModel.load(BUILTIN_PROFILE)
 
 
-def _floats(values, n: int) -> tuple:
-    if len(values) != n:
-        raise ValueError(f"expected {n} coefficients, got {len(values)}")
+def _floats(values, n: int, most: int | None = None) -> tuple:
+    if not n <= len(values) <= (most or n):
+        wanted = f"{n} to {most}" if most else str(n)
+        raise ValueError(f"expected {wanted} coefficients, got {len(values)}")
     return tuple(float(v) for v in values)
 
 
 # Fitting ----------------------------------------------------------------------------------------
 
 
-def fit_linear(features: list[tuple[float, ...]], targets: list[float]) -> tuple[float, ...]:
+def fit_linear(
+    features: list[tuple[float, ...]], targets: list[float], relative: bool = False
+) -> tuple[float, ...]:
     """Least squares for target = w0 + sum(w_i * feature_i). A slope that fits below zero is
-    dropped and the rest refitted (more load never takes less time)."""
+    dropped and the rest refitted (more load never takes less time). relative: minimise the
+    relative error, so that targets spanning orders of magnitude all count."""
     x = np.asarray(features, dtype=np.float64).reshape(len(targets), -1)
     y = np.asarray(targets, dtype=np.float64)
     design = np.hstack([np.ones((len(y), 1)), x])
+    if relative:
+        if (y <= 0).any():
+            raise ProfileError("a relative fit needs positive times")
+        design, y = design / y[:, None], np.ones_like(y)
     if len(y) < design.shape[1]:
         raise ProfileError(f"{len(y)} samples cannot fit {design.shape[1]} coefficients")
     keep = np.ones(design.shape[1], dtype=bool)
@@ -135,7 +147,9 @@ def fit_cost_model(
         num_layers=num_layers,
         decode=fit_linear([(b, c) for b, c, _ in decode], [t for *_, t in decode]),
         attention=fit_linear([(n, b) for n, b, _ in attention], [t for *_, t in attention]),
-        prefill=fit_linear([(n,) for n, _ in prefill], [t for _, t in prefill]),
+        prefill=fit_linear(
+            [(n, n * n) for n, _ in prefill], [t for _, t in prefill], relative=True
+        ),
         model=model,
         device=device,
     )

@@ -33,9 +33,10 @@ class Grid:
 
 
 GRIDS = {
-    "full": Grid((1, 4, 16, 32), (64, 256, 1024), (64, 256, 1024, 2048), 8),
-    "quick": Grid((1, 4, 16), (32, 128, 512), (32, 128, 512), 8),
-    "tiny": Grid((1, 4), (16, 64), (16, 64), 2),  # for tests: seconds, not a usable profile
+    # Prompts from a few tokens up: a short prompt's step is mostly the fixed cost.
+    "full": Grid((1, 4, 16, 32), (64, 256, 1024), (16, 64, 256, 1024, 2048), 8),
+    "quick": Grid((1, 4, 16), (32, 128, 512), (16, 64, 128, 512), 8),
+    "tiny": Grid((1, 4), (16, 64), (16, 32, 64), 2),  # for tests: seconds, not a usable profile
 }
 
 

@@ -140,8 +140,8 @@ def cpu_costs(args: argparse.Namespace) -> CpuCosts:
         competitors=args.sim_cpu_competitors,
         router_token_s=args.sim_router_token_us / 1e6,
         client_token_s=args.sim_client_token_us / 1e6,
-        router_request_s=args.sim_request_ms / 1000,
-        client_request_s=args.sim_request_ms / 1000,
+        router_request_s=args.sim_router_request_ms / 1000,
+        client_request_s=args.sim_client_request_ms / 1000,
     )
 
 

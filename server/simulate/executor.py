@@ -20,10 +20,6 @@ if TYPE_CHECKING:
     from server.simulate.router import SimRequest
 
 
-def _nothing() -> None:
-    pass
-
-
 class Executor(SimProcess):
     """An attention executor beside a prefill worker: owns the tail of its pool."""
 
@@ -38,6 +34,8 @@ class Executor(SimProcess):
         self.requests_total = 0
         self.attention_time_ms = 0.0
         self.serving = False  # serving a decode step: router messages wait for its end
+        self.polling = False  # between its layers, past its attention work (on a CPU)
+        self.poll_key = (instance, "polling")  # its share of the cores meanwhile
         self.waiting: deque = deque()  # decode steps queued behind it, in arrival order
 
     def deliver(self, handler, *args) -> None:
@@ -58,14 +56,24 @@ class Executor(SimProcess):
     def serving_step(self, layer_ms: float, kv_bytes: float) -> None:
         if self.sim.cpu is not None:
             # On a CPU its attention is work of its own beside the decode step; between
-            # layers it waits (spinning a little, then yielding the core).
-            self.sim.cpu.run(self, self.sim.num_layers * layer_ms / 1000, _nothing)
+            # layers it polls for the next layer's rows (host_signal_channel.wait_for spins,
+            # then yields, runnable all the while), so it holds a share of the cores until
+            # the step ends, as the decode worker does while it waits on the executor.
+            self.sim.cpu.run(self, self.sim.num_layers * layer_ms / 1000, self._attended)
             layer_ms /= self.sim.cpu.speed  # what it measures, sharing the cores
         self.attention_time_ms = ewma_repeated(self.attention_time_ms, layer_ms,
                                                self.sim.num_layers)  # fmt: skip
         self.sim.meter.executor_step(self, kv_bytes)
 
+    def _attended(self) -> None:
+        if self.serving and not self.polling:
+            self.polling = True
+            self.sim.hold(self.poll_key)
+
     def release_step(self) -> None:
+        if self.polling:
+            self.polling = False
+            self.sim.drop(self.poll_key)
         self.serving = False
         while self.inbox:  # router messages, read between steps
             handler, args = self.inbox.popleft()

@@ -18,8 +18,9 @@ from scheduler.cost_model import (
 )
 
 MODEL = CostModel(
-    num_layers=4, decode=(2.0, 0.05, 0.001), attention=(0.1, 0.0002, 0.01), prefill=(3.0, 0.02)
-)
+    num_layers=4, decode=(2.0, 0.05, 0.001), attention=(0.1, 0.0002, 0.01),
+    prefill=(3.0, 0.02, 1e-5),
+)  # fmt: skip
 
 
 def test_fit_recovers_known_coefficients_from_noisy_samples():
@@ -39,6 +40,31 @@ def test_fit_recovers_known_coefficients_from_noisy_samples():
     for got, want in [(fitted.decode, MODEL.decode), (fitted.attention, MODEL.attention)]:
         assert got == pytest.approx(want, rel=0.05, abs=1e-3)
     assert fitted.prefill == pytest.approx(MODEL.prefill, rel=1e-6)
+
+
+def test_a_relative_fit_keeps_short_prompts_right():
+    # A fixed cost, then attention's square: an absolute fit follows the long prompts and
+    # misses a short one by most of its time; the relative fit is within a few percent of all.
+    true = CostModel(4, MODEL.decode, MODEL.attention, prefill=(3.5, 0.02, 1e-5))
+    sizes = (16, 64, 256, 1024, 2048)
+    samples = [(n, true.prefill_ms(n) * (1.03 if i % 2 else 0.97)) for i, n in enumerate(sizes)]
+    w = fit_linear([(n, n * n) for n, _ in samples], [t for _, t in samples], relative=True)
+    line = fit_linear([(n,) for n, _ in samples], [t for _, t in samples])
+    for n in (4, *sizes):
+        predicted = w[0] + w[1] * n + w[2] * n * n
+        assert predicted == pytest.approx(true.prefill_ms(n), rel=0.08), n
+    assert line[0] + line[1] * 4 < 0.6 * true.prefill_ms(4)  # the old fit, for contrast
+
+
+def test_a_two_coefficient_profile_still_loads(tmp_path):
+    path = tmp_path / "old.json"
+    data = {**MODEL.to_json(), "prefill": [3.0, 0.02]}
+    path.write_text(json.dumps(data))
+    old = CostModel.load(path)
+    assert old.prefill == (3.0, 0.02) and old.prefill_ms(100) == pytest.approx(5.0)
+    path.write_text(json.dumps({**data, "prefill": [1.0]}))
+    with pytest.raises(ProfileError, match="2 to 3 coefficients"):
+        CostModel.load(path)
 
 
 def test_a_slope_that_fits_negative_is_dropped():
