@@ -265,10 +265,40 @@ def simulated_runs(
             sim.cpu.background, sim.cpu.competitors = 0.0, r["competitors"]
         else:
             sim.cpu.background = r["background_cores"]
-        row = simulate_rate(sim, hw, workload, r["request_rate"], bargs)
+        with SimGauges(sim) as gauges:
+            row = simulate_rate(sim, hw, workload, r["request_rate"], bargs)
         row.pop("_requests")
+        row["gauges"] = gauges.means()
         rows.append(row)
     return rows
+
+
+class SimGauges(Gauges):
+    """Gauges' figures from the simulated workers' heartbeats, the ones the router reads."""
+
+    def __init__(self, sim) -> None:
+        super().__init__("")
+        self.sim, self._latest = sim, {}
+
+    def __enter__(self) -> SimGauges:
+        meter = self.sim.meter
+        self._heartbeat, meter.heartbeat = meter.heartbeat, self._on_heartbeat
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sim.meter.heartbeat = self._heartbeat
+
+    def _on_heartbeat(self, sim, process, stats) -> None:
+        self._heartbeat(sim, process, stats)
+        if process.role == "attention":
+            self._latest.update(offloaded=stats.num_running,
+                                executor_layer_ms=stats.attention_time_ms)  # fmt: skip
+        elif process.role == "decode":
+            self._latest.update(decode_batch=stats.last_batch_size,
+                                decode_step_ms=stats.step_time_ms,
+                                layer_wait_ms=stats.offload_roundtrip_ms)  # fmt: skip
+            if stats.last_batch_size:
+                self._samples.append(dict(self._latest))
 
 
 def main() -> int:
@@ -312,6 +342,7 @@ def main() -> int:
         sim[policy] = simulated_runs(bargs, policy, real[policy], profile_competitors)
         rows += compare(policy, real[policy], sim[policy])
     print_table(rows)
+    print_gauges(real, sim)
     out.write_text(json.dumps({"rows": rows, "serve_args": SERVE, "sim_args": args.sim_args,
                                "profile": json.loads(Path(profile_path).read_text()),
                                "profile_competitors": profile_competitors,
@@ -348,6 +379,19 @@ def print_table(rows: list[dict]) -> None:
         "others: cores other jobs on the machine used during that real run; runnable: the"
         " processes they kept runnable (the simulation shares the cores fairly with them)"
     )
+
+
+def print_gauges(real: dict, sim: dict) -> None:
+    """Where a miss comes from: the deployment's own gauges, real / simulated."""
+    keys = sorted(Gauges.NAMES.values())
+    print(f"{'policy':<12}{'rate':>6}" + "".join(f"{k:>22}" for k in keys))
+    for policy in real:
+        for r, s in zip(real[policy], sim[policy]):
+            if "gauges" not in r:
+                continue  # recorded before the gauges were
+            cells = "".join(f"{r['gauges'][k]:>10.2f} /{s['gauges'][k]:>9.2f}" for k in keys)
+            print(f"{policy:<12}{r['request_rate']!s:>6}{cells}")
+    print("gauges: time averages while the decode worker is busy, real / simulated")
 
 
 def _plain(results: dict) -> dict:

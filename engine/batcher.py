@@ -60,7 +60,7 @@ class Batcher:
                 continue  # preempted below by an earlier sequence
             if not self._make_room(seq, batch):
                 continue
-            num_new = self._chunk(seq.num_uncomputed_tokens, budget)
+            num_new = self._chunk(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if num_new == 0:
                 break
             scheduled.append((seq, num_new))
@@ -135,6 +135,31 @@ class Batcher:
             scheduled.append((seq, num_new))
             budget -= num_new
         return budget
+
+    def decode_steps_without_decision(self, limit: int, after: ScheduledBatch | None = None) -> int:
+        """How many of the next `schedule()` calls (at most `limit`) cannot decide anything:
+        each schedules every running sequence for one token, admitting, chunking and
+        preempting nothing, provided each step samples one token per row and nothing is
+        added or finished meanwhile. With `after`, the batch just scheduled and not yet run:
+        the calls after its step. A simulated clock runs such steps as one event."""
+        running = self.running
+        if self.waiting or self.prefilled or not running:
+            return 0
+        if len(running) > self.config.max_num_batched_tokens:
+            return 0  # some rows would wait for the next step
+        if any(len(s.token_ids) - s.num_computed_tokens != 1 for s in running):
+            return 0  # a prompt chunk still to compute
+        if after is not None and (after.preempted or len(after.entries) != len(running)):
+            return 0  # not every running row with its one token, or a preemption
+        local = [s for s in running if not s.executor]
+        return self.blocks.decode_rounds_that_fit(local, limit, ahead=after is not None)
+
+    def grow_for_decode_steps(self, steps: int, ahead: int = 0) -> None:
+        """The KV growth of `steps` such schedule() calls, made at once once the tokens of the
+        steps before each were appended, or before their last `ahead` tokens were (offloaded
+        rows grow in their executor)."""
+        local = [s for s in self.running if not s.executor]
+        self.blocks.append_slots_stepwise(local, steps, ahead)
 
     def recompute(self, seq: Sequence) -> None:
         """Drops whatever KV the sequence has and queues it to be prefilled again, here."""

@@ -8,6 +8,7 @@ keeps its hash until it is handed out again, so the cache survives its owner.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 
 from engine.sequence import Sequence
 
@@ -103,32 +104,83 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(block_id)
             seq.block_hashes.append(h)
-        for _ in range(self.blocks_needed(seq.num_tokens) - len(hits)):
-            seq.block_table.append(self._take_free_block())
+        seq.block_table += self._take_free_blocks(self.blocks_needed(seq.num_tokens) - len(hits))
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_cached_prompt_tokens = seq.num_computed_tokens
 
-    def _take_free_block(self) -> int:
-        block_id = next(iter(self.free_block_ids))
-        del self.free_block_ids[block_id]
-        block = self.blocks[block_id]
-        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
-            del self.hash_to_block[block.hash]
-        block.hash, block.token_ids, block.ref_count = None, (), 1
-        return block_id
+    def _take_free_blocks(self, count: int) -> list[int]:
+        """The `count` least recently freed blocks, taken (their cached prefixes forgotten)."""
+        free, blocks, hashes = self.free_block_ids, self.blocks, self.hash_to_block
+        taken = list(islice(free, count))
+        for block_id in taken:
+            del free[block_id]
+            block = blocks[block_id]
+            if block.hash is not None and hashes.get(block.hash) == block_id:
+                del hashes[block.hash]
+            block.hash, block.token_ids, block.ref_count = None, (), 1
+        return taken
 
     # Decode growth ----------------------------------------------------------------------
 
+    # Once per running sequence per step: plain arithmetic, no property or method calls.
+
     def can_append(self, seq: Sequence) -> bool:
-        return self.blocks_needed(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
+        missing = (len(seq.token_ids) + self.block_size - 1) // self.block_size
+        return missing - len(seq.block_table) <= len(self.free_block_ids)
 
     def append_slots(self, seq: Sequence) -> None:
         """Makes room in the block table for every token of the sequence."""
-        missing = self.blocks_needed(seq.num_tokens) - len(seq.block_table)
-        if missing > self.num_free_blocks:
+        size = self.block_size
+        missing = (len(seq.token_ids) + size - 1) // size - len(seq.block_table)
+        if missing > len(self.free_block_ids):
             raise OutOfBlocksError(f"not enough free KV blocks to grow {seq.request_id}")
-        for _ in range(missing):
-            seq.block_table.append(self._take_free_block())
+        if missing > 0:
+            seq.block_table += self._take_free_blocks(missing)
+
+    def blocks_for_rounds(self, seqs: list[Sequence], rounds: int, ahead: int = 0) -> int:
+        """Free blocks that `rounds` rounds of `append_slots` over `seqs` take when each round
+        finds every sequence one token longer than the last, the first at its current length
+        plus `ahead` tokens."""
+        size, grown = self.block_size, ahead + rounds - 1
+        return sum(
+            max(0, (len(s.token_ids) + grown + size - 1) // size - len(s.block_table)) for s in seqs
+        )
+
+    def decode_rounds_that_fit(self, seqs: list[Sequence], limit: int, ahead: int = 0) -> int:
+        """How many such rounds (at most `limit`) the free blocks cover: the decode steps in
+        which none of `seqs` can be preempted."""
+        free = self.num_free_blocks
+        if limit <= 0 or self.blocks_for_rounds(seqs, limit, ahead) <= free:
+            return max(limit, 0)  # usually: pools dwarf a few steps
+        low, high = 0, limit - 1
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.blocks_for_rounds(seqs, mid, ahead) <= free:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    def append_slots_stepwise(self, seqs: list[Sequence], rounds: int, ahead: int = 0) -> None:
+        """What `rounds` rounds of `append_slots` over `seqs` in order would have done while each
+        sequence grew by one token a round, the last at its length plus `ahead` tokens, done
+        at once: the same blocks handed out in the same order, so the tables equal the
+        step-by-step ones."""
+        size = self.block_size
+        wanted: list[tuple[int, int]] = []  # (round that needs it, position in seqs) per block
+        for i, seq in enumerate(seqs):
+            num_tokens = len(seq.token_ids) + ahead
+            have = len(seq.block_table)
+            if num_tokens <= have * size:
+                continue
+            first = num_tokens - rounds + 1  # its length at the first round
+            for b in range(have, (num_tokens + size - 1) // size):
+                wanted.append((max(0, b * size + 1 - first), i))
+        if len(wanted) > self.num_free_blocks:
+            raise OutOfBlocksError(f"not enough free KV blocks to grow {len(seqs)} sequences")
+        wanted.sort()
+        for (_, i), block_id in zip(wanted, self._take_free_blocks(len(wanted))):
+            seqs[i].block_table.append(block_id)
 
     def commit_computed_blocks(self, seq: Sequence) -> None:
         """Registers the sequence's newly completed full blocks for prefix reuse."""

@@ -58,8 +58,17 @@ class CostModel:
         return max(0.0, e0 + e1 * offloaded_tokens + e2 * batch)
 
     def prefill_ms(self, tokens: int) -> float:
+        """One prompt of `tokens`, whole."""
+        return self.prefill_chunks_ms([(tokens, 0)])
+
+    def prefill_chunks_ms(self, chunks: list[tuple[int, int]]) -> float:
+        """One step of prompt chunks, (tokens, tokens already computed before them) each. The
+        square term is causal attention, per prompt: a chunk of c after ctx costs what
+        c * ctx + c^2 / 2 query-key pairs do, as the whole prompts profiled (c^2 / 2) did."""
         p0, p1, p2 = (*self.prefill, 0.0)[:3]
-        return max(0.0, p0 + p1 * tokens + p2 * tokens * tokens)
+        tokens = sum(c for c, _ in chunks)
+        pairs = sum(c * c + 2 * c * ctx for c, ctx in chunks)
+        return max(0.0, p0 + p1 * tokens + p2 * pairs)
 
     # Profiles ---------------------------------------------------------------------------------
 

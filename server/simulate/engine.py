@@ -15,9 +15,18 @@ from engine.batcher import Batcher, ScheduledBatch
 from engine.config import BatchConfig
 from engine.kv_cache import BlockManager, OutOfBlocksError
 from engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
-from engine.step_timing import StepTiming, ewma
+from engine.step_timing import EWMA, StepTiming, ewma
 
 PLACEHOLDER = 0
+
+
+def ewma_over(previous: float, seconds: list[float]) -> float:
+    """ewma() over steps of `seconds` in turn (inlined: the same floats)."""
+    ms, keep = previous, 1 - EWMA
+    for s in seconds:
+        sample = s * 1000
+        ms = sample if ms == 0.0 else keep * ms + EWMA * sample
+    return ms
 
 
 @dataclass(eq=False)
@@ -51,11 +60,15 @@ class SimEngine:
         self.requests_total = 0
         self.timing = StepTiming()
         self.num_reclaimed = 0
+        self._params: dict[int, SamplingParams] = {}
 
     # Requests -------------------------------------------------------------------------------
 
     def new_sequence(self, request_id: str, prompt_tokens: int, max_tokens: int, request):
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        params = self._params.get(max_tokens)
+        if params is None:  # shared by the requests of one length: nothing changes them
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            self._params[max_tokens] = params
         stop_at = min(prompt_tokens + max_tokens, self.max_model_len)
         return SimSequence(
             request_id, [PLACEHOLDER] * prompt_tokens, params, request=request, stop_at=stop_at
@@ -153,6 +166,53 @@ class SimEngine:
         self._record_step(len(batch.entries), prefill, sampled, seconds)
         return result
 
+    def decision_free_steps(self, cap: int, after: ScheduledBatch | None = None) -> int:
+        """How many next steps (at most `cap`; with `after`, those after its step) only decode
+        every running row by one token, none of them offloaded, nothing admitted or
+        preempted (Batcher.decode_steps_without_decision), no row finishing before the last."""
+        limit = cap
+        for seq in self.batcher.running:
+            if seq.executor:
+                return 0  # each step asks its executor, which other workers share
+            limit = min(limit, seq.stop_at - 1 - seq.num_computed_tokens)
+        if after is not None:
+            limit -= 1  # its step comes first
+        return self.batcher.decode_steps_without_decision(limit, after)
+
+    def finish_decode_steps(
+        self, rows: list[SimSequence], ends: list[float], first: int, last: int, itl_counts
+    ) -> list[float]:
+        """finish_step for steps first..last of a decision-free run (`decision_free_steps`),
+        where step i ends at ends[i]: every row samples one token a step, none finishes.
+        The same counts and floats, a step's gap is the same for every row after the first.
+        Returns the steps' durations."""
+        steps = last - first + 1
+        seconds = [b - a for a, b in zip(ends[first - 1 : last], ends[first : last + 1])]
+        gaps = seconds[1:]
+        counts = itl_counts
+        now, end = ends[first], ends[last]
+        placeholders = [PLACEHOLDER] * steps
+        for seq in rows:
+            previous = seq.last_token_at
+            if previous:
+                gap = now - previous
+                counts[gap] = counts.get(gap, 0) + 1
+                if seq.itl is not None:
+                    seq.itl.append(gap)
+            if seq.itl is not None:
+                seq.itl.extend(gaps)
+            seq.num_computed_tokens += steps
+            seq.token_ids.extend(placeholders)
+            seq.last_token_at = end
+        n = len(rows)
+        for gap in gaps:
+            counts[gap] = counts.get(gap, 0) + n
+        timing = self.timing
+        timing.last_batch_size, timing.last_prefill_tokens = n, 0
+        timing.generation_tokens_total += n * steps
+        timing.step_time_ms = ewma_over(timing.step_time_ms, seconds)
+        return seconds
+
     def _record_step(self, rows: int, prefill: int, sampled: int, seconds: float) -> None:
         """engine.step_timing.StepTiming.record_step from counts the step loop already took
         (tests/server/test_simulate.py checks they agree)."""
@@ -166,21 +226,25 @@ class SimEngine:
 
     def stats(self) -> dict:
         """engine.stats()'s fields that heartbeats carry."""
-        running = self.batcher.running
+        running, waiting = self.batcher.running, self.batcher.waiting
+        queued = sum(len(s.token_ids) - s.num_computed_tokens for s in waiting)
+        offloaded = context = 0
+        for s in running:  # one pass: heartbeats come four times a second from every worker
+            queued += len(s.token_ids) - s.num_computed_tokens
+            if s.executor:
+                offloaded += 1
+            else:
+                context += s.num_computed_tokens
         return {
-            "queued_tokens": sum(
-                len(s.token_ids) - s.num_computed_tokens
-                for queue in (self.batcher.waiting, running)
-                for s in queue
-            ),
+            "queued_tokens": queued,
             "num_blocks": self.blocks.num_blocks,
-            "num_free_blocks": self.blocks.num_free_blocks,
+            "num_free_blocks": len(self.blocks.free_block_ids),
             "num_running": len(running),
-            "num_waiting": len(self.batcher.waiting),
+            "num_waiting": len(waiting),
             "num_preemptions": self.batcher.num_preemptions,
             "requests_total": self.requests_total,
-            "num_offloaded": sum(1 for s in running if s.executor),
-            "context_tokens": sum(s.num_computed_tokens for s in running if not s.executor),
+            "num_offloaded": offloaded,
+            "context_tokens": context,
             "num_reclaimed": self.num_reclaimed,
             **self.timing.as_dict(),
         }

@@ -59,13 +59,20 @@ class Executor(SimProcess):
             # layers it polls for the next layer's rows (host_signal_channel.wait_for spins,
             # then yields, runnable all the while), so it holds a share of the cores until
             # the step ends, as the decode worker does while it waits on the executor.
-            self.sim.cpu.run(self, self.sim.num_layers * layer_ms / 1000, self._attended)
-            layer_ms /= self.sim.cpu.speed  # what it measures, sharing the cores
-        self.attention_time_ms = ewma_repeated(self.attention_time_ms, layer_ms,
-                                               self.sim.num_layers)  # fmt: skip
+            self.sim.cpu.run(self, self.sim.num_layers * layer_ms / 1000, self._attended,
+                             self.loop.now)  # fmt: skip
+        else:
+            self._measured(layer_ms)
         self.sim.meter.executor_step(self, kv_bytes)
 
-    def _attended(self) -> None:
+    def _measured(self, layer_ms: float) -> None:
+        self.attention_time_ms = ewma_repeated(self.attention_time_ms, layer_ms,
+                                               self.sim.num_layers)  # fmt: skip
+
+    def _attended(self, started: float) -> None:
+        # What it measures on a shared CPU: its layers' wall time, however the cores were
+        # shared meanwhile (the real executor times each layer's attention with the host clock).
+        self._measured((self.loop.now - started) * 1000 / self.sim.num_layers)
         if self.serving and not self.polling:
             self.polling = True
             self.sim.hold(self.poll_key)

@@ -65,7 +65,7 @@ class DecodeAttentionFit:
     half_tokens: float  # KV tokens at which the kernel reaches half its bandwidth
 
     def ms(self, rows, kv_tokens, kv_width: int, bandwidth: float, dtype_bytes=2):
-        moved = kv_tokens * 2 * kv_width * dtype_bytes
+        moved = kv_tokens * (2 * kv_width * dtype_bytes)  # exact integers: either order
         saturation = kv_tokens / (kv_tokens + self.half_tokens)
         return (
             self.overhead_ms

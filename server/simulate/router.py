@@ -86,6 +86,7 @@ class SimRouter:
         self.record_placements = False
         self._tick_pending = False
         self.check_books = False  # tests: compare the books with a fresh tally at each decision
+        self._prefills: list[SimWorkerState] | None = None
 
     def send(self, handler, *args, work_s: float | None = None) -> None:
         """A message to the router, from a worker: it arrives one hop later; on a shared CPU
@@ -134,7 +135,9 @@ class SimRouter:
             self.sim.client.done(req)
             return
         books = self._decide()
-        prefill = pick_prefill(worker_loads("prefill", self.workers.values(), books, self.assigned))
+        if self._prefills is None:  # the deployment's workers are fixed once it runs
+            self._prefills = [w for w in self.workers.values() if w.role == "prefill"]
+        prefill = pick_prefill(worker_loads("prefill", self._prefills, books, self.assigned))
         self.assigned[prefill] = self.assigned.get(prefill, 0) + 1
         req.prefill = prefill
         self.requests[req.wire_id] = req

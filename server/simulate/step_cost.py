@@ -9,8 +9,10 @@ the slowest executor beyond its own local attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+
+import numpy as np
 
 from scheduler.cost_model import CostModel
 from server.simulate.hardware import GPU, ModelShape
@@ -72,6 +74,7 @@ class GpuStepCost:
         attention_bw = fit.decode_attention.efficiency
         self.executor_speed = min(1.0, colocation.executor_bandwidth / attention_bw)
         self._linear = lru_cache(maxsize=None)(self._linear_uncached)
+        self._head = lru_cache(maxsize=None)(self.head_ms)
 
     def _gemm(self, m: int, k: int, n: int) -> float:
         d = self.device
@@ -131,7 +134,7 @@ class GpuStepCost:
             executor_ms[executor] = attend
             executor_bytes[executor] = kv * kv_bytes * self.num_layers
         wait = max(0.0, remote_ms - local_ms)
-        head_ms, head_flops, head_bytes = self.head_ms(work.tokens, work.sampled)
+        head_ms, head_flops, head_bytes = self._head(work.tokens, work.sampled)
         rows = work.local_rows + sum(r for r, _ in work.remote.values()) + len(work.prefill)
         total = (
             self.num_layers * (linear_ms + local_ms + wait)
@@ -144,6 +147,34 @@ class GpuStepCost:
             flops=self.num_layers * flops + head_flops,
             bytes=self.num_layers * moved + head_bytes, executor_bytes=executor_bytes,
         )  # fmt: skip
+
+    def decode_steps(self, work: StepWork, steps: int) -> np.ndarray:
+        """The ms of `step` for `steps` decode steps from `work` on, each reading one more KV
+        token per row than the last: the same floats, term by term, at once."""
+        assert not work.prefill and not work.remote, "local decode rows only"
+        rows, kv = work.local_rows, work.local_kv
+        kv = np.arange(kv, kv + rows * steps, rows, dtype=np.int64)
+        local_ms = self.attention_ms(rows, kv)  # the fits are plain arithmetic: arrays too
+        return (  # step()'s terms in its order; its + 0.0 (no wait on executors) changes no bit
+            self.num_layers * (self._linear(work.tokens)[0] + local_ms)
+            + self._head(work.tokens, work.sampled)[0]
+            + self.overhead_ms
+            + self.overhead_per_row_ms * rows
+        )
+
+    def decode_totals(self, work: StepWork, start: int, stop: int) -> tuple[float, float]:
+        """FLOPs and bytes of steps [start, stop) of such a run, summed: both are linear in
+        the KV tokens read, so the sum of each step's (to rounding) in closed form."""
+        s, rows, n = self.shape, work.local_rows, stop - start
+        kv = n * work.local_kv + rows * (start + stop - 1) * n // 2  # their KV tokens, summed
+        _, flops, moved = self._linear(work.tokens)
+        _, head_flops, head_bytes = self._head(work.tokens, work.sampled)
+        layers = self.num_layers
+        kv_bytes = 2 * s.kv_width * s.dtype_bytes
+        return (
+            n * (layers * flops + head_flops) + layers * 4.0 * s.q_width * kv,
+            n * (layers * moved + head_bytes) + layers * kv_bytes * kv,
+        )
 
     def kv_copy_ms(self, nbytes: int) -> float:
         """A prefilled request's KV from the prefill GPU to the decode GPU (NVLink)."""
@@ -177,7 +208,7 @@ class ProfileStepCost:
         rows = work.local_rows + sum(r for r, _ in work.remote.values())
         total = 0.0
         if work.prefill:
-            total += m.prefill_ms(sum(c for c, _ in work.prefill))
+            total += m.prefill_chunks_ms(work.prefill)
         wait, executor_ms = 0.0, {}
         if rows:
             a, b, c = m.decode
@@ -189,6 +220,17 @@ class ProfileStepCost:
             wait = max(0.0, remote - local_attention)
             total += m.decode_step_ms(rows, work.local_kv) + layers * wait
         return StepTime(ms=total, layer_wait_ms=wait, executor_ms=executor_ms)
+
+    def decode_steps(self, work: StepWork, steps: int) -> np.ndarray:
+        """As GpuStepCost.decode_steps, one `step` at a time."""
+        rows = work.local_rows
+        return np.array(
+            [self.step(replace(work, local_kv=work.local_kv + i * rows)).ms for i in range(steps)]
+        )
+
+    def decode_totals(self, work: StepWork, start: int, stop: int) -> tuple[float, float]:
+        """A profile times steps; it counts no FLOPs or bytes (StepTime's zeros)."""
+        return 0.0, 0.0
 
     def kv_copy_ms(self, nbytes: int) -> float:
         return 0.05 + nbytes / self.copy_bandwidth * 1e3

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from engine.batcher import ScheduledBatch
 from engine.kv_cache import OutOfBlocksError
 from engine.step_timing import EWMA
+from server.simulate.decode_run import MAX_STEPS, DecodeRun, DecodeRuns
 from server.simulate.engine import SimEngine, SimSequence
 from server.simulate.step_cost import StepWork
 from transport.messages import WorkerStats
@@ -139,7 +140,10 @@ class EngineWorker(SimProcess):
         return work, offloaded
 
     def heartbeat(self) -> WorkerStats:
-        return WorkerStats(**self.engine.stats(), **self.extra_stats())
+        return WorkerStats(**self.engine_stats(), **self.extra_stats())
+
+    def engine_stats(self) -> dict:
+        return self.engine.stats()
 
     def extra_stats(self) -> dict:
         return {}
@@ -221,13 +225,14 @@ class PrefillWorker(EngineWorker):
         self.end_step()
 
 
-class DecodeWorker(EngineWorker):
+class DecodeWorker(DecodeRuns, EngineWorker):
     role = "decode"
 
     def __init__(self, sim: Simulation, instance: str, num_blocks: int) -> None:
         super().__init__(sim, instance, num_blocks)
         self.incoming: dict[str, list[bool]] = {}  # request id -> [KV arrived, StartDecode]
         self.roundtrip_ms = 0.0  # a layer's wait on executors, moving average
+        self.run: DecodeRun | None = None  # decision-free steps in flight as one event
 
     def _sequence(self, req: SimRequest) -> SimSequence:
         seq = self.engine.new_sequence(req.wire_id, req.prompt_tokens, req.max_tokens, req)
@@ -273,6 +278,12 @@ class DecodeWorker(EngineWorker):
         if not batch:
             return
         work, offloaded = self.step_work(batch)
+        # On a shared CPU a step's time depends on every other process: no runs there.
+        if self.sim.cpu is None and not offloaded:
+            after = self.engine.decision_free_steps(MAX_STEPS - 1, after=batch)
+            if after:
+                self._begin_run(batch, work, 1 + after)
+                return
         # In name order: every decode worker takes its executors in the same order, so two
         # steps never wait on each other's executor.
         executors = [self.sim.executors[name] for name in sorted(work.remote)]
@@ -319,6 +330,8 @@ class DecodeWorker(EngineWorker):
             executor.release_step()
         if executors:
             wait = t.layer_wait_ms
+            if self.sim.cpu is not None and t.ms > 0:  # its wall time, stretched as the step's
+                wait *= seconds * 1000 / t.ms
             self.roundtrip_ms = ewma_repeated(self.roundtrip_ms, wait, self.sim.num_layers)
         finished = []
         for seq in result.finished:

@@ -56,6 +56,17 @@ def test_a_relative_fit_keeps_short_prompts_right():
     assert line[0] + line[1] * 4 < 0.6 * true.prefill_ms(4)  # the old fit, for contrast
 
 
+def test_a_steps_chunks_pay_attention_per_prompt():
+    # Eight prompts of 256 in one step are not one prompt of 2,048: attention is per prompt.
+    eight = MODEL.prefill_chunks_ms([(256, 0)] * 8)
+    p0, p1, p2 = MODEL.prefill
+    assert eight == pytest.approx(p0 + p1 * 2048 + p2 * 8 * 256**2)
+    assert eight < MODEL.prefill_ms(2048)
+    # A prompt in two chunks does the whole prompt's work, plus one more step's fixed cost.
+    halves = MODEL.prefill_chunks_ms([(512, 0)]) + MODEL.prefill_chunks_ms([(512, 512)])
+    assert halves == pytest.approx(MODEL.prefill_ms(1024) + p0)
+
+
 def test_a_two_coefficient_profile_still_loads(tmp_path):
     path = tmp_path / "old.json"
     data = {**MODEL.to_json(), "prefill": [3.0, 0.02]}
