@@ -1,6 +1,7 @@
 """What a simulated run reports: `adrenaline bench`'s figures from the requests' timestamps
 (server.bench.metrics, unchanged), and the paper's utilisation figures per role metered from
-each step: prefill HBM capacity and bandwidth used, decode compute used, decode batch size.
+each step: prefill HBM capacity and bandwidth used, decode compute used (decoding, not the
+prompts a decode worker recomputes), decode batch size.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Meter:
         self.prefill_bytes = self.prefill_flops = self.prefill_busy_s = 0.0
         self.executor_bytes = 0.0
         self.decode_flops = self.decode_bytes = self.decode_busy_s = 0.0
+        self.decode_recompute_flops = 0.0
         self.decode_row_seconds = 0.0
         self.decode_steps = 0
         self.max_decode_batch = 0
@@ -49,7 +51,10 @@ class Meter:
         self.executor_bytes += kv_bytes
 
     def decode_step(self, worker, t, rows: int, seconds: float) -> None:
-        self.decode_flops += t.flops
+        # Prompts a decode worker prefills again (preempted for KV room, or reclaimed from an
+        # executor) are kept apart: the paper's decode compute is that of decoding.
+        self.decode_flops += t.flops - t.prefill_flops
+        self.decode_recompute_flops += t.prefill_flops
         self.decode_bytes += t.bytes
         self.decode_busy_s += seconds
         self.decode_row_seconds += rows * seconds
@@ -97,6 +102,7 @@ class Meter:
             "decode_kv_bytes": decode_kv,
             "prefill_bandwidth_bytes_per_s": prefill_bw,
             "decode_flops_per_s": decode_flops,
+            "decode_recompute_flops_per_s": self.decode_recompute_flops / duration / cfg.num_decode,
             "prefill_busy": self.prefill_busy_s / duration / cfg.num_prefill,
             "decode_busy": self.decode_busy_s / duration / cfg.num_decode,
         }

@@ -40,6 +40,7 @@ class StepTime:
     layer_wait_ms: float = 0.0  # per layer, waiting on executors past local attention
     executor_ms: dict[str, float] = field(default_factory=dict)  # per layer, on each executor
     flops: float = 0.0  # useful arithmetic, for compute utilisation
+    prefill_flops: float = 0.0  # of `flops`, the prompt chunks' (on a decode worker: recompute)
     bytes: float = 0.0  # HBM traffic of this device, for bandwidth utilisation
     executor_bytes: dict[str, float] = field(default_factory=dict)  # on each executor's GPU
 
@@ -116,12 +117,16 @@ class GpuStepCost:
 
     def step(self, work: StepWork) -> StepTime:
         s = self.shape
-        linear_ms, flops, moved = self._linear(work.tokens)
+        linear_ms, linear_flops, moved = self._linear(work.tokens)
         prefill_ms = sum(
             self.fit.prefill_attention.ms(c, ctx, s.q_width, self.device.peak_flops)
             for c, ctx in work.prefill
         )
-        flops += sum(4.0 * c * (ctx + c / 2) * s.q_width for c, ctx in work.prefill)
+        chunk_attention = sum(4.0 * c * (ctx + c / 2) * s.q_width for c, ctx in work.prefill)
+        flops = linear_flops + chunk_attention
+        # Linear-layer FLOPs are proportional to rows, so the prompt chunks' share is exact.
+        chunk_tokens = sum(c for c, _ in work.prefill)
+        prefill_flops = chunk_attention + linear_flops * chunk_tokens / max(1, work.tokens)
         local_ms = self.attention_ms(work.local_rows, work.local_kv) + prefill_ms
         kv_bytes = 2 * s.kv_width * s.dtype_bytes  # per token per layer
         moved += (work.local_kv + sum(c + ctx for c, ctx in work.prefill)) * kv_bytes
@@ -145,6 +150,7 @@ class GpuStepCost:
         return StepTime(
             ms=total, layer_wait_ms=wait, executor_ms=executor_ms,
             flops=self.num_layers * flops + head_flops,
+            prefill_flops=self.num_layers * prefill_flops,
             bytes=self.num_layers * moved + head_bytes, executor_bytes=executor_bytes,
         )  # fmt: skip
 
