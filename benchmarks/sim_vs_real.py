@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -309,6 +310,7 @@ def main() -> int:
     p.add_argument("--profile", type=Path, default=None, help="reuse a profile of this machine")
     p.add_argument("--sim-args", default="", help="extra simulate flags, e.g. --sim-hop-ms 0.3")
     p.add_argument("--output", default="results/sim_vs_real.json")
+    p.add_argument("--repeats", type=int, default=3, help="real runs of each cell (median)")
     p.add_argument(
         "--resimulate",
         type=Path,
@@ -334,7 +336,11 @@ def main() -> int:
         if earlier is not None and policy in earlier["real"]:
             real[policy] = earlier["real"][policy]
         else:
-            real[policy] = real_runs(args, bargs, profile_path, policy, rates)
+            # Each repeat on a fresh deployment: one run of a cell varies by a fifth or more
+            # between repeats here, so the simulation is held to their median.
+            repeats = [real_runs(args, bargs, profile_path, policy, rates)
+                       for _ in range(args.repeats)]  # fmt: skip
+            real[policy] = [median_run(cells) for cells in zip(*repeats)]
             # Kept as they come: `--resimulate` of a stopped run still has these.
             out.write_text(json.dumps({"real": real, "serve_args": SERVE,
                                        "profile": json.loads(profile_path.read_text()),
@@ -351,6 +357,21 @@ def main() -> int:
     return 0
 
 
+def median_run(cells: tuple[dict, ...]) -> dict:
+    """One cell's repeats as one run: the median of each compared figure and gauge, the mean
+    of what the machine did meanwhile, every repeat's figures kept (`repeats`)."""
+    run = dict(cells[len(cells) // 2])
+    for key in TARGETS:
+        run[key] = statistics.median(c[key] for c in cells)
+    for key in ("background_cores", "deployment_cores", "competitors"):
+        run[key] = statistics.fmean(c[key] for c in cells)
+    if all("gauges" in c for c in cells):
+        run["gauges"] = {k: statistics.median(c["gauges"][k] for c in cells)
+                         for k in cells[0]["gauges"]}  # fmt: skip
+    run["repeats"] = [{k: c[k] for k in TARGETS} for c in cells]
+    return run
+
+
 def compare(policy: str, real: list[dict], sim: list[dict]) -> list[dict]:
     rows = []
     for r, s in zip(real, sim):
@@ -358,8 +379,10 @@ def compare(policy: str, real: list[dict], sim: list[dict]) -> list[dict]:
                "background_cores": round(r["background_cores"], 2),
                "competitors": r.get("competitors")}  # fmt: skip
         for key in TARGETS:
+            values = [c[key] for c in r.get("repeats", [r])]
             row[key] = {"real": r[key], "simulated": s[key],
-                        "error": abs(s[key] - r[key]) / r[key] if r[key] else None}  # fmt: skip
+                        "error": abs(s[key] - r[key]) / r[key] if r[key] else None,
+                        "real_spread": (max(values) - min(values)) / r[key] if r[key] else None}  # fmt: skip
         rows.append(row)
     return rows
 
@@ -373,11 +396,14 @@ def print_table(rows: list[dict]) -> None:
         for key in TARGETS:
             cell = row[key]
             err = "-" if cell["error"] is None else f"{cell['error']:.0%}"
-            line += f"{cell['real']:>12.1f} /{cell['simulated']:>10.1f} sim {err:>6}"
+            spread = cell.get("real_spread")
+            spread = "" if spread is None else f"±{spread / 2:.0%}"
+            line += f"{cell['real']:>10.1f}{spread:>5} /{cell['simulated']:>9.1f} sim {err:>5}"
         print(line)
     print(
         "others: cores other jobs on the machine used during that real run; runnable: the"
-        " processes they kept runnable (the simulation shares the cores fairly with them)"
+        " processes they kept runnable (the simulation shares the cores fairly with them);"
+        " real: the median of the repeats, ± half their range"
     )
 
 
