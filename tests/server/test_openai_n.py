@@ -227,7 +227,10 @@ def test_the_prompt_is_prefilled_once(deployment: Deployment, oai: openai.OpenAI
     before, decode_hits_before = prefilled()
     # A prompt of its own: one another test cached would skip its full blocks for child 0 too.
     prompt = "Prefilled once, shared by four: " + LONG_PROMPT
-    out = oai.completions.create(model="tiny", prompt=prompt, n=4, temperature=1.0, max_tokens=2)
+    # ignore_eos: a first token that ends child 0 at prefill would leave the decode worker
+    # nothing to share (the later choices then start at once, and copy the whole prompt).
+    out = oai.completions.create(model="tiny", prompt=prompt, n=4, temperature=1.0, max_tokens=2,
+                                 extra_body={"ignore_eos": True})  # fmt: skip
     tokens = out.usage.prompt_tokens
     shared = (tokens - 1) // BLOCK_SIZE * BLOCK_SIZE  # the full blocks a prefix hit can skip
     assert shared > 0
