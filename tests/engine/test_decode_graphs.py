@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_offloaded_recompute import InProcessRemote
+from test_offloaded_recompute import offloaded_run
 
 from engine.decode_graphs import DecodeGraphs, graph_batch_sizes
-from engine.engine import Handoff
 from engine.kv_budget import kv_block_bytes, kv_pool_budget, num_kv_blocks
 from engine.llm import LLM
 from engine.sequence import SamplingParams
@@ -110,19 +109,14 @@ def test_padding_rows_write_only_the_padding_block() -> None:
     assert sum(padded_steps) > 0 and llm.engine.stats()["num_blocks"] == KWARGS["num_blocks"]
 
 
-def offloaded_run(
-    pad: bool, prompts: list[list[int]], params: SamplingParams, graphs: bool = False
-) -> list[list[int]]:
-    """Odd requests' attention runs on an in-process executor, the others locally. graphs:
-    decode steps go through the CPU's graph stand-in, offloaded ones too (a graph-safe remote)."""
-    kwargs = dict(num_blocks=64, block_size=16, max_model_len=256)
-    prefill = LLM("tiny", **kwargs).engine
-    decode = LLM("tiny", pad_decode=pad, **kwargs).engine
-    remote = InProcessRemote(decode.model_config)
-    decode.remote = decode.runner.remote = remote
-    if graphs:
+def graphed_run(prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """offloaded_run with decode steps through the CPU's graph stand-in, offloaded ones too
+    (a graph-safe remote); every replay checked."""
+    replays = []
+
+    def use_graphs(decode, remote) -> None:
         decode.runner.use_graphs = remote.graph_safe = True
-        replays, replay = [], decode.runner.decode_graphs.replay
+        replay = decode.runner.decode_graphs.replay
 
         def noted_replay(key, forward):
             hidden = replay(key, forward)
@@ -130,40 +124,16 @@ def offloaded_run(
             return hidden
 
         decode.runner.decode_graphs.replay = noted_replay
-    for i, prompt in enumerate(prompts):
-        prefill.add_request(f"r{i}", prompt, SamplingParams(**vars(params)), handoff=True)
-    firsts = {}
-    while prefill.has_unfinished():
-        firsts.update((out.request_id, out) for out in prefill.step())
-    remote.share_pool(prefill.runner.kv_pool, extra_blocks=32)
-    for rid, out in firsts.items():
-        handoff = Handoff(out.prompt_token_ids, out.token_ids, None,
-                          SamplingParams(**vars(params)), len(out.new_text))  # fmt: skip
-        src = prefill.held_block_table(rid)
-        if int(rid[1:]) % 2:
-            remote.executor.adopt(rid, src, len(out.prompt_token_ids))
-            decode.start_offloaded(rid, handoff, "attention-0")
-        else:
-            dst = decode.reserve_prefilled(rid, handoff)
-            decode.runner.kv_pool[:, :, dst[: len(src)]] = prefill.runner.kv_pool[:, :, src]
-            decode.start_prefilled(rid)
-        prefill.release(rid)
-    results = {}
-    while decode.has_unfinished():
-        results.update((out.request_id, out.token_ids) for out in decode.step() if out.finished)
-    stats = decode.stats()
-    assert stats["num_free_blocks"] == stats["num_blocks"]
-    assert remote.executor.blocks.num_free_blocks == remote.executor.blocks.num_blocks
-    if graphs:
-        offloaded = [key for key, ran in replays if ran and key[2]]
-        # Every replay of a step with offloaded rows was checked once, after it ran.
-        assert offloaded and remote.replayed == len(offloaded)
-        assert all(key[3] == remote.links_generation for key in offloaded)
-        # Each shape was captured on its second step, so one step per key ran eagerly.
-        captured = decode.runner.decode_graphs.graphs
-        assert set(captured) <= decode.runner.decode_graphs.seen
-        assert len(replays) == sum(ran for _, ran in replays)
-    return [results[f"r{i}"] for i in range(len(prompts))]
+
+    tokens, decode, remote = offloaded_run(prompts, params, prepare=use_graphs, pad_decode=True)
+    offloaded = [key for key, ran in replays if ran and key[2]]
+    # Every replay of a step with offloaded rows was checked once, after it ran.
+    assert offloaded and remote.replayed == len(offloaded)
+    assert all(key[3] == remote.links_generation for key in offloaded)
+    # Each shape was captured on its second step, so one step per key ran eagerly.
+    assert set(decode.runner.decode_graphs.graphs) <= decode.runner.decode_graphs.seen
+    assert len(replays) == sum(ran for _, ran in replays)
+    return tokens
 
 
 def test_graphed_steps_with_offloaded_rows_give_local_tokens() -> None:
@@ -172,7 +142,7 @@ def test_graphed_steps_with_offloaded_rows_give_local_tokens() -> None:
     # by replayed(), not by its last layer's receive.
     prompts, params = PROMPTS[1:6], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     local = [o.token_ids for o in LLM("tiny", **KWARGS).generate(prompts, params)]
-    assert offloaded_run(True, prompts, params, graphs=True) == local
+    assert graphed_run(prompts, params) == local
 
 
 def test_graphs_over_replaced_links_are_dropped() -> None:
@@ -191,7 +161,7 @@ def test_padded_steps_with_offloaded_rows_give_local_tokens() -> None:
     # Three rows, one offloaded: padded to 4 with the padding row before the offloaded one.
     prompts, params = PROMPTS[1:4], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     local = [o.token_ids for o in LLM("tiny", **KWARGS).generate(prompts, params)]
-    assert offloaded_run(True, prompts, params) == local
+    assert offloaded_run(prompts, params, pad_decode=True)[0] == local
 
 
 def decode_step(seq_lens: list[int], block_size: int = 16) -> HostStep:

@@ -4,13 +4,15 @@ the decode engine recomputes those requests itself and still gives the same toke
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from attention.executor import AttentionExecutor
 from attention.remote import RemoteAttentionError
 from attention.torch_backend import TorchAttention
-from engine.engine import Handoff
+from engine.engine import Handoff, LLMEngine
 from engine.llm import LLM
 from engine.sequence import SamplingParams
 
@@ -75,24 +77,33 @@ class InProcessRemote:
         self.executor.release(request_id)
 
 
-def run(fail_after: int | None):
+def offloaded_run(
+    prompts: list[list[int]],
+    params: SamplingParams,
+    fail_after: int | None = None,
+    prepare: Callable[[LLMEngine, InProcessRemote], None] | None = None,
+    **decode_kwargs,
+) -> tuple[list[list[int]], LLMEngine, InProcessRemote]:
+    """Odd requests' attention runs on an in-process executor, the others locally: the tokens in
+    prompt order, the decode engine and the remote, every pool checked full after.
+    `prepare(decode, remote)` runs before any step; `decode_kwargs` configure the decode LLM."""
     kwargs = dict(num_blocks=64, block_size=16, max_model_len=256)
     prefill = LLM("tiny", **kwargs).engine
-    decode_llm = LLM("tiny", **kwargs)
-    decode = decode_llm.engine
+    decode = LLM("tiny", **kwargs, **decode_kwargs).engine
     remote = InProcessRemote(decode.model_config, fail_after)
     decode.remote = decode.runner.remote = remote
-    for i, prompt in enumerate(PROMPTS):
-        prefill.add_request(f"r{i}", prompt, SamplingParams(**vars(PARAMS)), handoff=True)
+    if prepare is not None:
+        prepare(decode, remote)
+    for i, prompt in enumerate(prompts):
+        prefill.add_request(f"r{i}", prompt, SamplingParams(**vars(params)), handoff=True)
     firsts = {}
     while prefill.has_unfinished():
-        for out in prefill.step():
-            firsts[out.request_id] = out
+        firsts.update((out.request_id, out) for out in prefill.step())
     remote.share_pool(prefill.runner.kv_pool, extra_blocks=32)
     for rid, out in firsts.items():
         # Odd requests are offloaded: the executor adopts their prompt KV where prefill wrote it.
         handoff = Handoff(out.prompt_token_ids, out.token_ids, None,
-                          SamplingParams(**vars(PARAMS)), len(out.new_text))  # fmt: skip
+                          SamplingParams(**vars(params)), len(out.new_text))  # fmt: skip
         src = prefill.held_block_table(rid)
         if int(rid[1:]) % 2:
             remote.executor.adopt(rid, src, len(out.prompt_token_ids))
@@ -104,13 +115,16 @@ def run(fail_after: int | None):
         prefill.release(rid)  # in-process the executor has its copy of the pool already
     results = {}
     while decode.has_unfinished():
-        for out in decode.step():
-            if out.finished:
-                results[out.request_id] = out.token_ids
+        results.update((out.request_id, out.token_ids) for out in decode.step() if out.finished)
     stats = decode.stats()
     assert stats["num_free_blocks"] == stats["num_blocks"]
     assert remote.executor.blocks.num_free_blocks == remote.executor.blocks.num_blocks
-    return [results[f"r{i}"] for i in range(len(PROMPTS))], stats["num_reclaimed"]
+    return [results[f"r{i}"] for i in range(len(prompts))], decode, remote
+
+
+def run(fail_after: int | None):
+    tokens, decode, _ = offloaded_run(PROMPTS, PARAMS, fail_after)
+    return tokens, decode.stats()["num_reclaimed"]
 
 
 @pytest.fixture(scope="module")
