@@ -120,7 +120,36 @@ def _running(pid: int) -> bool:
         return False
 
 
-class Background:
+class Sampler:
+    """Calls sample() every SAMPLE_S on a thread of its own while the `with` block runs; what it
+    returns, unless None, is kept in `samples`."""
+
+    SAMPLE_S = 1.0
+
+    def __init__(self) -> None:
+        self.samples: list = []
+        self._stop = threading.Event()
+
+    def sample(self):
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.SAMPLE_S):
+            value = self.sample()
+            if value is not None:
+                self.samples.append(value)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Background(Sampler):
     """What other jobs did while the benchmark ran: the cores they used (the machine's busy time
     less that of the deployment's processes and of this one), and the runnable processes they
     kept, sampled every SAMPLE_S (the machine's runnable threads less ours and the sampler)."""
@@ -128,36 +157,31 @@ class Background:
     SAMPLE_S = 0.02
 
     def __init__(self, ours: set[int]) -> None:
+        super().__init__()
         self.ours = ours
-        self._samples: list[int] = []
-        self._stop = threading.Event()
 
     def _ours(self) -> float:
         return sum(_cpu_seconds(pid) for pid in self.ours) + time.process_time()
 
-    def _sample(self) -> None:
-        while not self._stop.wait(self.SAMPLE_S):
-            mine = sum(_running(pid) for pid in self.ours | {os.getpid()})
-            self._samples.append(max(0, _runnable_threads() - mine - 1))
+    def sample(self) -> int:
+        mine = sum(_running(pid) for pid in self.ours | {os.getpid()})
+        return max(0, _runnable_threads() - mine - 1)
 
     def __enter__(self) -> Background:
         self.started = time.perf_counter()
         self.machine, self.deployment = _machine_busy_seconds(), self._ours()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
         elapsed = time.perf_counter() - self.started
         ours = self._ours() - self.deployment
         self.ours_cores = ours / elapsed
         self.cores = max(0.0, (_machine_busy_seconds() - self.machine - ours) / elapsed)
-        self.competitors = sum(self._samples) / max(1, len(self._samples))
+        self.competitors = sum(self.samples) / max(1, len(self.samples))
 
 
-class Gauges:
+class Gauges(Sampler):
     """The deployment's own account of a run: its /metrics gauges (moving averages the workers
     heartbeat) sampled every SAMPLE_S while the decode worker is busy, then averaged. It says
     where a miss comes from: the batch, the share offloaded, the executor's layer, the wait."""
@@ -174,39 +198,39 @@ class Gauges:
     }  # fmt: skip
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self.url = url
-        self._samples: list[dict[str, float]] = []
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self._stop.wait(self.SAMPLE_S):
-                try:
-                    text = client.get(f"{self.url}/metrics").text
-                except httpx.HTTPError:
-                    continue
-                found = {}
-                for line in text.splitlines():
-                    name, _, value = line.rpartition(" ")
-                    if name in self.NAMES:
-                        scale = 1000 if self.NAMES[name].endswith("_ms") else 1
-                        found[self.NAMES[name]] = float(value) * scale
-                if found.get("decode_batch"):
-                    self._samples.append(found)
 
     def __enter__(self) -> Gauges:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
+        self._client = httpx.Client(timeout=5)
+        return super().__enter__()
+
+    def sample(self) -> dict[str, float] | None:
+        try:
+            text = self._client.get(f"{self.url}/metrics").text
+        except httpx.HTTPError:
+            return None
+        found = {}
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name in self.NAMES:
+                scale = 1000 if self.NAMES[name].endswith("_ms") else 1
+                found[self.NAMES[name]] = float(value) * scale
+        return found if found.get("decode_batch") else None
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
+        self._client.close()
 
     def means(self) -> dict[str, float]:
-        keys = set(self.NAMES.values())
-        return {k: round(sum(s.get(k, 0.0) for s in self._samples) / max(1, len(self._samples)),
-                         3) for k in sorted(keys)}  # fmt: skip
+        return gauge_means(self.samples)
+
+
+def gauge_means(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Each gauge's mean over the samples (0 where none was seen)."""
+    n = max(1, len(samples))
+    return {k: round(sum(s.get(k, 0.0) for s in samples) / n, 3)
+            for k in sorted(set(Gauges.NAMES.values()))}  # fmt: skip
 
 
 # The two runs -----------------------------------------------------------------------------------
@@ -274,12 +298,15 @@ def simulated_runs(
     return rows
 
 
-class SimGauges(Gauges):
+class SimGauges:
     """Gauges' figures from the simulated workers' heartbeats, the ones the router reads."""
 
     def __init__(self, sim) -> None:
-        super().__init__("")
         self.sim, self._latest = sim, {}
+        self.samples: list[dict[str, float]] = []
+
+    def means(self) -> dict[str, float]:
+        return gauge_means(self.samples)
 
     def __enter__(self) -> SimGauges:
         meter = self.sim.meter
@@ -299,7 +326,7 @@ class SimGauges(Gauges):
                                 decode_step_ms=stats.step_time_ms,
                                 layer_wait_ms=stats.offload_roundtrip_ms)  # fmt: skip
             if stats.last_batch_size:
-                self._samples.append(dict(self._latest))
+                self.samples.append(dict(self._latest))
 
 
 def main() -> int:
