@@ -181,9 +181,8 @@ class Router:
         for role, wanted in self.expect.items():
             # An executor is ready once it works in its prefill worker's pool.
             ready = sum(
-                1 for w in self.workers.values()
-                if w.role == role and w.alive
-                and (role != "attention" or bool(w.registration.kv_endpoint))
+                1 for w in self.registry.of_role(role)
+                if w.alive and (role != "attention" or bool(w.registration.kv_endpoint))
             )  # fmt: skip
             if ready < wanted:
                 missing.append(f"{role}: {ready} of {wanted} alive")
