@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -17,12 +19,14 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 
+# Names map to torch attribute names, resolved in parse_dtype, so that importing the config
+# (as `adrenaline simulate` and `bench` do) does not import torch.
 DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
+    "float32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
 }
 
 
@@ -31,11 +35,13 @@ class ConfigError(ValueError):
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
         raise ConfigError(f"unsupported dtype {name!r}; choose one of {sorted(set(DTYPES))}")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,10 @@ import logging
 import os
 import sys
 
-from attention.selector import AttentionBackendError
 from engine.config import ConfigError, EngineConfig
 from server.bench.cli import add_bench_parser, run_bench
 from server.extras import MissingExtraError
 from server.launch.flags import FlagError, check_model, check_router_flags, check_serve_flags
-from server.launch.serve import run_serve
 from server.launch.serve_parser import (
     DEFAULT_MODEL,
     ArgumentParser,
@@ -29,15 +27,12 @@ from server.launch.serve_parser import (
     common_flags,
     engine_config_from_args,
 )
-from server.profile import add_profile_flags, run_profile
-from server.roles.entry_points import (
+from server.profile_grid import add_profile_flags
+from server.roles.flags import (
     add_attention_flags,
     add_executor_flags,
     add_router_flags,
     add_worker_flags,
-    run_attention,
-    run_router,
-    run_worker,
 )
 from server.simulate.cli import add_simulate_parser, run_simulate
 
@@ -113,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args) if args.command == "bench" else run_simulate(args)
         except MissingExtraError as exc:
             sub_parser.error(str(exc))
+    # Imported once dispatched, since they import torch: `bench` and `simulate` start without it.
+    from attention.selector import AttentionBackendError
+    from server.launch.serve import run_serve
+    from server.profile import run_profile
+    from server.roles.entry_points import run_attention, run_router, run_worker
+
     try:
         if args.command == "router":
             check_router_flags(args)

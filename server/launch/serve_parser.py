@@ -9,7 +9,7 @@ import argparse
 from typing import NoReturn
 
 from engine.config import BatchConfig, CacheConfig, EngineConfig
-from server.roles.entry_points import (
+from server.roles.flags import (
     add_executor_flags,
     add_router_flags,
     add_worker_process_flags,

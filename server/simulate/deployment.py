@@ -118,7 +118,7 @@ def policy_model(serve, hw: Hardware, batch: BatchConfig) -> CostModel:
         return CostModel.load(serve.profile)
     if hw.device is None:
         return builtin_profile()
-    from server.profile import GRIDS
+    from server.profile_grid import GRIDS
 
     grid, cost = GRIDS["full"], hw.cost
     decode, attention, prefill = [], [], []

@@ -20,6 +20,8 @@ import httpx
 import pytest
 
 import server.cli
+import server.launch.serve
+import server.roles.entry_points
 from engine.model_source import resolve_model
 from server.launch.serve_process import free_port
 from tests.server.deployment import Deployment
@@ -138,8 +140,9 @@ def test_every_bad_serve_flag_exits_2_in_one_line_before_any_child(
     def no_children(*_args):
         raise AssertionError("flags passed the checks: serve would start its children")
 
-    monkeypatch.setattr(server.cli, "run_serve", no_children)
-    monkeypatch.setattr(server.cli, "run_router", no_children)
+    # Where they are defined: server.cli imports them only once a command is dispatched.
+    monkeypatch.setattr(server.launch.serve, "run_serve", no_children)
+    monkeypatch.setattr(server.roles.entry_points, "run_router", no_children)
     port = ["--port", str(free_port())]
     for flag, argv in bad_flag_cases(tmp_path, taken_port):
         for command in ("serve", "router") if flag in ROUTER_FLAGS else ("serve",):
