@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from server.bench.client import build_requests
+from server.bench.client import build_lengths
 from server.cli import build_parser
 from server.simulate.cli import simulate_rate
 from server.simulate.cluster import Workload
@@ -54,9 +54,7 @@ def run(args, policy: str, rates: list[float], concurrency: int | None = None) -
     serve = parse_serve_args(args.serve_args, policy)
     hw = hardware(args, serve)
     sim, _ = build(args, serve, hw)
-    requests = build_requests(args)
-    workload = Workload([r.prompt_len for r in requests], [r.output_len for r in requests], [],
-                        concurrency)  # fmt: skip
+    workload = Workload(*build_lengths(args), [], concurrency)
     rows = []
     for rate in rates:
         row = simulate_rate(sim, hw, workload, rate, args)

@@ -29,7 +29,13 @@ from pathlib import Path
 import httpx
 
 from scheduler.cost_model import CostModel
-from server.bench.client import arrival_times, benchmark, build_requests, request_body
+from server.bench.client import (
+    arrival_times,
+    benchmark,
+    build_lengths,
+    build_requests,
+    request_body,
+)
 from server.bench.metrics import aggregate
 from server.cli import build_parser
 from server.launch.serve_process import ServeProcess
@@ -280,8 +286,7 @@ def simulated_runs(
     # still gets the profile as measured, as the real router does.
     hw.cost.model = alone(hw.cost.model, profile_competitors, float(os.cpu_count() or 1))
     sim, _ = build(bargs, serve, hw)
-    requests = build_requests(bargs)
-    workload = Workload([r.prompt_len for r in requests], [r.output_len for r in requests], [])
+    workload = Workload(*build_lengths(bargs), [])
     rows = []
     for r in real:
         # The other jobs of that real run: their runnable processes share the cores fairly

@@ -7,8 +7,8 @@ keeps its hash until it is handed out again, so the cache survives its owner.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from itertools import islice
 
 from engine.sequence import Sequence
 
@@ -44,9 +44,13 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.first_block_id = first_block_id
         ids = range(first_block_id, first_block_id + num_blocks)
-        self.blocks = {i: Block(i) for i in ids}
-        # Insertion-ordered: least recently freed first, so cached prefixes live longest.
-        self.free_block_ids: dict[int, None] = dict.fromkeys(ids)
+        # Without prefix caching a block has one owner at a time: whether it is free says all,
+        # and the pool keeps no per-block records (a simulated cluster has millions of blocks).
+        self.blocks = {i: Block(i) for i in ids} if enable_prefix_caching else {}
+        # Least recently freed first, so cached prefixes live longest. An OrderedDict, not a
+        # dict: taking from the front of a dict skips every entry deleted there since its last
+        # resize, thousands in a large pool; an OrderedDict pops its first entry at once.
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(ids)
         self.hash_to_block: dict[int, int] = {}
         self.prefix_hits = 0
         self.prefix_queries = 0
@@ -111,9 +115,11 @@ class BlockManager:
     def _take_free_blocks(self, count: int) -> list[int]:
         """The `count` least recently freed blocks, taken (their cached prefixes forgotten)."""
         free, blocks, hashes = self.free_block_ids, self.blocks, self.hash_to_block
-        taken = list(islice(free, count))
+        pop = free.popitem
+        taken = [pop(last=False)[0] for _ in range(count)]
+        if not self.enable_prefix_caching:
+            return taken
         for block_id in taken:
-            del free[block_id]
             block = blocks[block_id]
             if block.hash is not None and hashes.get(block.hash) == block_id:
                 del hashes[block.hash]
@@ -203,14 +209,30 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         # Freed in reverse so a sequence's tail is reused before its (more shareable) prefix.
         # Blocks outside this manager's range are lent by another one: their owner frees them.
-        for block_id in reversed(seq.block_table):
-            block = self.blocks.get(block_id)
+        if self.enable_prefix_caching:
+            self._release_shared(seq.block_table)
+        else:
+            self._release_owned(seq.block_table)
+        seq.block_table.clear()
+        seq.block_hashes.clear()
+        seq.num_computed_tokens = 0
+
+    def _release_shared(self, table: list[int]) -> None:
+        blocks, free = self.blocks, self.free_block_ids
+        for block_id in reversed(table):
+            block = blocks.get(block_id)
             if block is None:
                 continue
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
-                self.free_block_ids[block_id] = None
-        seq.block_table.clear()
-        seq.block_hashes.clear()
-        seq.num_computed_tokens = 0
+                free[block_id] = None
+
+    def _release_owned(self, table: list[int]) -> None:
+        """Without prefix caching each block has one owner: freeing it is putting it back."""
+        free, first = self.free_block_ids, self.first_block_id
+        end = first + self.num_blocks
+        for block_id in reversed(table):
+            if first <= block_id < end:
+                assert block_id not in free, f"block {block_id} freed twice"
+                free[block_id] = None

@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from server.bench.datasets import (
+    REASONING_SHAPE,
+    SYNTHETIC_SHAPE,
     BenchRequest,
     DatasetError,
     estimate_tokens,
+    lognormal_request_lengths,
     parse_vocab_range,
     random_requests,
     reasoning_requests,
@@ -261,6 +264,19 @@ def build_requests(args: argparse.Namespace) -> list[BenchRequest]:
     if args.dataset == "reasoning":
         return reasoning_requests(n, args.max_input_len, args.max_output_len, vocab, seed)
     return synthetic_requests(n, args.max_input_len, args.max_output_len, vocab, seed)
+
+
+def build_lengths(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """The prompt and output lengths of build_requests' requests (what `simulate` needs): the
+    lognormal datasets' without drawing their prompts' token ids."""
+    if args.dataset not in ("synthetic", "reasoning"):
+        requests = build_requests(args)
+        return [r.prompt_len for r in requests], [r.output_len for r in requests]
+    parse_vocab_range(args.vocab_range)  # the flag errors bench gives
+    shape = REASONING_SHAPE if args.dataset == "reasoning" else SYNTHETIC_SHAPE
+    return lognormal_request_lengths(
+        args.num_prompts, args.max_input_len, args.max_output_len, args.seed, shape
+    )
 
 
 def resolve_model(base_url: str, timeout: float) -> str:

@@ -27,6 +27,11 @@ REASONING_INPUT_MEDIAN = 250
 REASONING_OUTPUT_MEDIAN = 1500
 REASONING_INPUT_SIGMA = 0.6
 REASONING_OUTPUT_SIGMA = 0.6
+# (input median, input sigma, output median, output sigma) of each lognormal dataset
+SYNTHETIC_SHAPE = (SYNTHETIC_INPUT_MEDIAN, SYNTHETIC_INPUT_SIGMA, SYNTHETIC_OUTPUT_MEDIAN,
+                   SYNTHETIC_OUTPUT_SIGMA)  # fmt: skip
+REASONING_SHAPE = (REASONING_INPUT_MEDIAN, REASONING_INPUT_SIGMA, REASONING_OUTPUT_MEDIAN,
+                   REASONING_OUTPUT_SIGMA)  # fmt: skip
 
 
 class DatasetError(ValueError):
@@ -79,18 +84,14 @@ def synthetic_requests(
 ) -> list[BenchRequest]:
     """ShareGPT-shaped lengths without the file: lognormal inputs in [4, max_input_len] and
     outputs in [1, max_output_len], prompts as random token ids."""
-    shape = (SYNTHETIC_INPUT_MEDIAN, SYNTHETIC_INPUT_SIGMA, SYNTHETIC_OUTPUT_MEDIAN,
-             SYNTHETIC_OUTPUT_SIGMA)  # fmt: skip
-    return lognormal_requests(num, max_input_len, max_output_len, vocab, seed, shape)
+    return lognormal_requests(num, max_input_len, max_output_len, vocab, seed, SYNTHETIC_SHAPE)
 
 
 def reasoning_requests(
     num: int, max_input_len: int, max_output_len: int, vocab: tuple[int, int], seed: int
 ) -> list[BenchRequest]:
     """OpenThoughts-shaped lengths: short lognormal inputs, long outputs, clipped alike."""
-    shape = (REASONING_INPUT_MEDIAN, REASONING_INPUT_SIGMA, REASONING_OUTPUT_MEDIAN,
-             REASONING_OUTPUT_SIGMA)  # fmt: skip
-    return lognormal_requests(num, max_input_len, max_output_len, vocab, seed, shape)
+    return lognormal_requests(num, max_input_len, max_output_len, vocab, seed, REASONING_SHAPE)
 
 
 def lognormal_requests(
@@ -101,16 +102,40 @@ def lognormal_requests(
     seed: int,
     shape: tuple[float, float, float, float],  # input median, sigma, output median, sigma
 ) -> list[BenchRequest]:
-    if max_input_len < 4 or max_output_len < 1:
-        raise DatasetError("--max-input-len must be >= 4 and --max-output-len >= 1")
     rng = np.random.default_rng(seed)
-    in_median, in_sigma, out_median, out_sigma = shape
-    inputs = lognormal_lengths(rng, num, in_median, in_sigma, 4, max_input_len)
-    outputs = lognormal_lengths(rng, num, out_median, out_sigma, 1, max_output_len)
+    inputs, outputs = _lognormal_pairs(rng, num, max_input_len, max_output_len, shape)
     return [
         BenchRequest(_token_prompt(rng, n_in, vocab), n_in, n_out)
         for n_in, n_out in zip(inputs, outputs)
     ]
+
+
+def lognormal_request_lengths(
+    num: int,
+    max_input_len: int,
+    max_output_len: int,
+    seed: int,
+    shape: tuple[float, float, float, float],
+) -> tuple[list[int], list[int]]:
+    """lognormal_requests' (prompt lengths, output lengths) without drawing the prompts: the
+    same lengths, drawn first from the same generator."""
+    rng = np.random.default_rng(seed)
+    return _lognormal_pairs(rng, num, max_input_len, max_output_len, shape)
+
+
+def _lognormal_pairs(
+    rng: np.random.Generator,
+    num: int,
+    max_input_len: int,
+    max_output_len: int,
+    shape: tuple[float, float, float, float],
+) -> tuple[list[int], list[int]]:
+    if max_input_len < 4 or max_output_len < 1:
+        raise DatasetError("--max-input-len must be >= 4 and --max-output-len >= 1")
+    in_median, in_sigma, out_median, out_sigma = shape
+    inputs = lognormal_lengths(rng, num, in_median, in_sigma, 4, max_input_len)
+    outputs = lognormal_lengths(rng, num, out_median, out_sigma, 1, max_output_len)
+    return inputs, outputs
 
 
 def estimate_tokens(text: str) -> int:

@@ -19,7 +19,7 @@ from server.bench.cli import add_bench_flags
 from server.bench.client import (
     BenchError,
     arrival_times,
-    build_requests,
+    build_lengths,
     check_args,
     save_result,
 )
@@ -192,14 +192,13 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
 def run_simulate(args: argparse.Namespace) -> int:
     try:
         check_args(args)
-        requests = build_requests(args)
+        prompt_lens, output_lens = build_lengths(args)
         serve = parse_serve_args(args.serve_args)
         hw = hardware(args, serve)
     except (BenchError, DatasetError, HardwareError, ConfigError, PolicyError) as exc:
         print(f"adrenaline simulate: error: {exc}", file=sys.stderr)
         return 2
-    workload = Workload([r.prompt_len for r in requests], [r.output_len for r in requests], [],
-                        args.max_concurrency)  # fmt: skip
+    workload = Workload(prompt_lens, output_lens, [], args.max_concurrency)
     try:
         if args.compare:
             return _compare(args, hw, workload)

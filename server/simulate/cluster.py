@@ -68,13 +68,13 @@ class Simulation:
     def __init__(
         self, config: SimConfig, cost, shape: ModelShape, policy: OffloadPolicy, meter=None
     ) -> None:
-        from server.simulate.report import Meter
+        from server.simulate.report import Meter, TokenGaps
 
         self.loop = EventLoop()
         self.config, self.cost, self.shape = config, cost, shape
         self.num_layers = cost.num_layers
         self.block_bytes = shape.kv_bytes_per_token * config.block_size
-        self.itl_counts: dict[float, int] = {}
+        self.token_gaps = TokenGaps()
         self.meter = meter or Meter()
         self.router = SimRouter(self, policy, config.max_pending)
         self.processes: dict[str, SimProcess] = {}
@@ -167,11 +167,23 @@ class Client:
         self.in_flight = 0
         self.gated: deque[SimRequest] = deque()
         self.remaining = len(self.requests)
+        self._next = 0  # the next request to arrive
         self.finished_at = self.start_at
 
     def start(self) -> None:
-        for req, offset in zip(self.requests, self.offsets):
-            self.loop.at(self.start_at + offset, self._due, req)
+        self._schedule_next()
+
+    def _schedule_next(self) -> None:
+        """One arrival in the queue at a time (offsets are in order): the event heap stays the
+        size of the deployment, not of the workload."""
+        if self._next < len(self.requests):
+            self.loop.at(self.start_at + self.offsets[self._next], self._arrival)
+
+    def _arrival(self) -> None:
+        req = self.requests[self._next]
+        self._next += 1
+        self._schedule_next()  # first: requests due at one instant arrive in order
+        self._due(req)
 
     def _due(self, req: SimRequest) -> None:
         if self.in_flight >= self.limit:

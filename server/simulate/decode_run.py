@@ -11,10 +11,7 @@ where the worker reads it and schedules as between any two steps.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from dataclasses import replace
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from engine.batcher import ScheduledBatch
 from server.simulate.engine import ewma_over
@@ -32,9 +29,12 @@ class DecodeRun:
         self.batch, self.work = batch, work  # the first step's: every step's rows
         self.rows = [seq for seq, _ in batch.entries]
         # Step i ends at ends[i], timed from the previous end as Simulation.execute times a
-        # step (np.cumsum adds in order: the same floats).
-        ms = self.cost.decode_steps(work, steps)
-        self.ends = np.cumsum(np.concatenate(([worker.loop.now], ms / 1000))).tolist()
+        # step: the same floats.
+        end = worker.loop.now
+        self.ends = ends = [end]
+        for ms in self.cost.decode_steps(work, steps):
+            end += ms / 1000
+            ends.append(end)
         self.planned = steps  # no decision before this step's end
         self.last = steps  # the step whose end the end event is at
         self.committed = 0  # steps whose tokens are committed
@@ -71,8 +71,8 @@ class DecodeRun:
 
     def stats_at(self, step: int, stats: dict) -> dict:
         """SimEngine.stats() as catch_up(step) would leave them, from those of the committed
-        steps: a heartbeat reads each worker four times a second, and committing for each
-        would cost more than the steps it commits."""
+        steps and the KV grown through `step`: a heartbeat reads each worker four times a
+        second, and committing for each would cost more than the steps it commits."""
         done = step - 1 - self.committed
         if done > 0:
             n = len(self.rows)
@@ -80,9 +80,6 @@ class DecodeRun:
             stats["generation_tokens_total"] += n * done
             stats["last_batch_size"], stats["last_prefill_tokens"] = n, 0
             stats["step_time_ms"] = round(self._ewma_through(step - 1), 3)
-        if step > self.grown:
-            grown = self.engine.blocks.blocks_for_rounds(self.rows, step - self.committed)
-            stats["num_free_blocks"] -= grown
         return stats
 
     def _ewma_through(self, step: int) -> float:
@@ -97,7 +94,7 @@ class DecodeRun:
         """What each step's end does, for the steps after the committed ones up to `last`."""
         first, worker = self.committed + 1, self.worker
         seconds = self.engine.finish_decode_steps(
-            self.rows, self.ends, first, last, worker.sim.itl_counts
+            self.rows, self.ends, first, last, worker.sim.token_gaps
         )
         for s in seconds:
             worker.busy_s += s
@@ -107,8 +104,9 @@ class DecodeRun:
         self.committed = last
 
     def step_time(self, step: int) -> StepTime:
-        work = self.work
-        return self.cost.step(replace(work, local_kv=work.local_kv + (step - 1) * work.local_rows))
+        w = self.work  # local decode rows alone (no prefill, no remote): the fields that count
+        kv = w.local_kv + (step - 1) * w.local_rows
+        return self.cost.step(StepWork(w.tokens, w.sampled, local_rows=w.local_rows, local_kv=kv))
 
 
 class DecodeRuns:
@@ -156,10 +154,14 @@ class DecodeRuns:
                 self._schedule_run_end(run)
 
     def engine_stats(self: DecodeWorker) -> dict:
-        stats, run = self.engine.stats(), self.run
-        if run is not None:
-            run.stats_at(run.step_at(self.loop.now, arriving=False), stats)
-        return stats
+        run = self.run
+        if run is None:
+            return self.engine.stats()
+        step = run.step_at(self.loop.now, arriving=False)
+        # The steps begun have had their schedule(): their blocks are taken now, in the order
+        # they would have been then (nothing else allocates before the step's end).
+        run.grow(step)
+        return run.stats_at(step, self.engine.stats())
 
     def _begin_run(self: DecodeWorker, batch: ScheduledBatch, work: StepWork, steps: int):
         self.run, self.busy = DecodeRun(self, batch, work, steps), True

@@ -10,12 +10,16 @@ prefix hits either, and placeholders would make every prompt look alike.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.batcher import Batcher, ScheduledBatch
 from engine.config import BatchConfig
 from engine.kv_cache import BlockManager, OutOfBlocksError
 from engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from engine.step_timing import EWMA, StepTiming, ewma
+
+if TYPE_CHECKING:
+    from server.simulate.report import TokenGaps
 
 PLACEHOLDER = 0
 
@@ -132,12 +136,12 @@ class SimEngine:
         return self.batcher.schedule()
 
     def finish_step(
-        self, batch: ScheduledBatch, seconds: float, now: float, itl_counts: dict[float, int]
+        self, batch: ScheduledBatch, seconds: float, now: float, token_gaps: TokenGaps
     ) -> StepResult:
         """What LLMEngine.step does after the runner: commit, sample, finish or hold. Each
-        token's gap since the request's previous one is counted in `itl_counts`."""
+        token's gap since the request's previous one goes to `token_gaps`."""
         result = StepResult()
-        counts = itl_counts
+        add_gap = token_gaps.add
         prefill = sampled = 0  # StepTiming.record_step's counts, in this one pass
         for seq, n in batch.entries:
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -152,7 +156,7 @@ class SimEngine:
             last = seq.last_token_at
             if last:
                 gap = now - last
-                counts[gap] = counts.get(gap, 0) + 1
+                add_gap(gap)
                 if seq.itl is not None:
                     seq.itl.append(gap)
             seq.last_token_at = now
@@ -180,7 +184,7 @@ class SimEngine:
         return self.batcher.decode_steps_without_decision(limit, after)
 
     def finish_decode_steps(
-        self, rows: list[SimSequence], ends: list[float], first: int, last: int, itl_counts
+        self, rows: list[SimSequence], ends: list[float], first: int, last: int, token_gaps
     ) -> list[float]:
         """finish_step for steps first..last of a decision-free run (`decision_free_steps`),
         where step i ends at ends[i]: every row samples one token a step, none finishes.
@@ -189,14 +193,14 @@ class SimEngine:
         steps = last - first + 1
         seconds = [b - a for a, b in zip(ends[first - 1 : last], ends[first : last + 1])]
         gaps = seconds[1:]
-        counts = itl_counts
+        add_gap = token_gaps.add
         now, end = ends[first], ends[last]
         placeholders = [PLACEHOLDER] * steps
         for seq in rows:
             previous = seq.last_token_at
             if previous:
                 gap = now - previous
-                counts[gap] = counts.get(gap, 0) + 1
+                add_gap(gap)
                 if seq.itl is not None:
                     seq.itl.append(gap)
             if seq.itl is not None:
@@ -205,8 +209,7 @@ class SimEngine:
             seq.token_ids.extend(placeholders)
             seq.last_token_at = end
         n = len(rows)
-        for gap in gaps:
-            counts[gap] = counts.get(gap, 0) + n
+        token_gaps.add_each(gaps, n)
         timing = self.timing
         timing.last_batch_size, timing.last_prefill_tokens = n, 0
         timing.generation_tokens_total += n * steps

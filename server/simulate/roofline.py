@@ -73,6 +73,18 @@ class DecodeAttentionFit:
             + moved / (bandwidth * self.efficiency * saturation) * 1e3
         )
 
+    def ms_each(self, rows: int, kv_tokens: range, kv_width: int, bandwidth: float,
+                dtype_bytes=2) -> list[float]:  # fmt: skip
+        """`ms` at each of `kv_tokens`, the same floats (the same operations in the same
+        order) in a list: for a few dozen decode steps, arrays cost more than they save."""
+        base = self.overhead_ms + self.per_row_ms * rows
+        per_token, speed, half = (
+            2 * kv_width * dtype_bytes,
+            bandwidth * self.efficiency,
+            self.half_tokens,
+        )
+        return [base + kv * per_token / (speed * (kv / (kv + half))) * 1e3 for kv in kv_tokens]
+
 
 @dataclass(frozen=True)
 class PrefillAttentionFit:

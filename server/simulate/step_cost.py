@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-import numpy as np
-
 from scheduler.cost_model import CostModel
 from server.simulate.hardware import GPU, ModelShape
 from server.simulate.roofline import ELEMENTWISE_OPS, DeviceFit, elementwise_bytes
@@ -154,19 +152,19 @@ class GpuStepCost:
             bytes=self.num_layers * moved + head_bytes, executor_bytes=executor_bytes,
         )  # fmt: skip
 
-    def decode_steps(self, work: StepWork, steps: int) -> np.ndarray:
+    def decode_steps(self, work: StepWork, steps: int) -> list[float]:
         """The ms of `step` for `steps` decode steps from `work` on, each reading one more KV
         token per row than the last: the same floats, term by term, at once."""
         assert not work.prefill and not work.remote, "local decode rows only"
-        rows, kv = work.local_rows, work.local_kv
-        kv = np.arange(kv, kv + rows * steps, rows, dtype=np.int64)
-        local_ms = self.attention_ms(rows, kv)  # the fits are plain arithmetic: arrays too
-        return (  # step()'s terms in its order; its + 0.0 (no wait on executors) changes no bit
-            self.num_layers * (self._linear(work.tokens)[0] + local_ms)
-            + self._head(work.tokens, work.sampled)[0]
-            + self.overhead_ms
-            + self.overhead_per_row_ms * rows
+        rows, kv, s = work.local_rows, work.local_kv, self.shape
+        kv_tokens = range(kv, kv + rows * steps, rows)
+        attention = self.fit.decode_attention.ms_each(
+            rows, kv_tokens, s.kv_width, self.device.hbm_bandwidth, s.dtype_bytes
         )
+        layers, linear = self.num_layers, self._linear(work.tokens)[0]
+        head, tail = self._head(work.tokens, work.sampled)[0], self.overhead_per_row_ms * rows
+        # step()'s terms in its order; its + 0.0 (no wait on executors) changes no bit
+        return [layers * (linear + a) + head + self.overhead_ms + tail for a in attention]
 
     def decode_totals(self, work: StepWork, start: int, stop: int) -> tuple[float, float]:
         """FLOPs and bytes of steps [start, stop) of such a run, summed: both are linear in
@@ -227,12 +225,12 @@ class ProfileStepCost:
             total += m.decode_step_ms(rows, work.local_kv) + layers * wait
         return StepTime(ms=total, layer_wait_ms=wait, executor_ms=executor_ms)
 
-    def decode_steps(self, work: StepWork, steps: int) -> np.ndarray:
+    def decode_steps(self, work: StepWork, steps: int) -> list[float]:
         """As GpuStepCost.decode_steps, one `step` at a time."""
         rows = work.local_rows
-        return np.array(
-            [self.step(replace(work, local_kv=work.local_kv + i * rows)).ms for i in range(steps)]
-        )
+        return [
+            self.step(replace(work, local_kv=work.local_kv + i * rows)).ms for i in range(steps)
+        ]
 
     def decode_totals(self, work: StepWork, start: int, stop: int) -> tuple[float, float]:
         """A profile times steps; it counts no FLOPs or bytes (StepTime's zeros)."""

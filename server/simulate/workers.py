@@ -215,7 +215,7 @@ class PrefillWorker(EngineWorker):
     def _end(self, batch: ScheduledBatch, started: float) -> None:
         now = self.loop.now
         self.busy_s += now - started
-        result = self.engine.finish_step(batch, now - started, now, self.sim.itl_counts)
+        result = self.engine.finish_step(batch, now - started, now, self.sim.token_gaps)
         firsts = [(seq.request, list(seq.block_table)) for seq in result.held]
         # max_tokens 1: done at the first token
         firsts += [(seq.request, None) for seq in result.finished]
@@ -325,7 +325,7 @@ class DecodeWorker(DecodeRuns, EngineWorker):
         seconds = now - requested
         self.busy_s += seconds
         self.sim.meter.decode_step(self, t, len(batch.entries), seconds)
-        result = self.engine.finish_step(batch, seconds, now, self.sim.itl_counts)
+        result = self.engine.finish_step(batch, seconds, now, self.sim.token_gaps)
         for executor in executors:
             executor.release_step()
         if executors:

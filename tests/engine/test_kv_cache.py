@@ -210,8 +210,9 @@ def test_freeing_everything_returns_to_full() -> None:
     assert all(b.ref_count == 0 for b in bm.blocks.values())
 
 
-def test_double_free_is_caught() -> None:
-    bm = BlockManager(num_blocks=4, block_size=BLOCK)
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_double_free_is_caught(prefix_caching: bool) -> None:
+    bm = BlockManager(num_blocks=4, block_size=BLOCK, enable_prefix_caching=prefix_caching)
     seq = make_seq([1, 2, 3])
     bm.allocate(seq)
     table = list(seq.block_table)

@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.bench.cli import add_bench_parser, run_bench
 from server.bench.client import (
     arrival_times,
+    build_lengths,
+    build_requests,
     decode_line,
     request_body,
 )
@@ -69,6 +71,21 @@ def test_synthetic_is_deterministic_and_clipped() -> None:
     tight = synthetic_requests(200, 8, 3, vocab, seed=0)
     assert {r.prompt_len for r in tight} <= set(range(4, 9))
     assert {r.output_len for r in tight} <= {1, 2, 3}
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "reasoning", "random"])
+def test_lengths_alone_are_the_requests_lengths(dataset: str) -> None:
+    """`simulate` draws only the lengths: the same ones, so the two commands run one workload."""
+    args = bench_args("http://unused", "--dataset", dataset, "--num-prompts", "300",
+                      "--max-input-len", "900", "--max-output-len", "700", "--seed", "3")  # fmt: skip
+    requests = build_requests(args)
+    assert build_lengths(args) == (
+        [r.prompt_len for r in requests],
+        [r.output_len for r in requests],
+    )
+    args.max_input_len = args.random_input_len = 0
+    with pytest.raises(DatasetError):
+        build_lengths(args)
 
 
 def test_random_dataset_has_fixed_lengths_in_vocab_range() -> None:

@@ -21,7 +21,7 @@ from server.simulate.cluster import SimConfig, Simulation, Workload
 from server.simulate.engine import SimEngine
 from server.simulate.events import EventLoop
 from server.simulate.hardware import ModelShape, gpu, model_config
-from server.simulate.report import weighted_summary
+from server.simulate.report import TokenGaps, weighted_summary
 from server.simulate.roofline import load_fit
 from server.simulate.step_cost import GpuStepCost, ProfileStepCost, StepWork
 
@@ -59,10 +59,22 @@ def test_weighted_percentiles_equal_numpy_over_the_expanded_list():
     from server.bench.metrics import summarize
 
     rng = random.Random(1)
-    counts = {rng.random(): rng.randint(1, 9) for _ in range(50)}
-    expanded = [v for v, c in counts.items() for _ in range(c)]
-    assert weighted_summary(counts) == pytest.approx(summarize(expanded))
-    assert np.isclose(weighted_summary({0.5: 3})["p99"], 500.0)
+    gaps = TokenGaps()
+    expanded = []
+    for _ in range(50):
+        value, count = rng.random(), rng.randint(1, 9)
+        if count > 4:  # both ways in: in bulk, as a run's steps, and one token at a time
+            gaps.add_each([value], count)
+        else:
+            for _ in range(count):
+                gaps.add(value)
+        expanded += [value] * count
+    gaps.add_each(expanded[:7], 2)  # repeats of gaps already counted, merged
+    expanded += expanded[:7] * 2
+    assert gaps.summary() == pytest.approx(summarize(expanded))
+    assert sum(gaps.as_dict().values()) == len(expanded)
+    assert np.isclose(weighted_summary(np.array([0.5]), np.array([3.0]))["p99"], 500.0)
+    assert TokenGaps().summary()["p99"] == 0.0
 
 
 def test_cores_are_shared_by_whoever_is_runnable():
@@ -200,7 +212,7 @@ def test_sim_engine_schedules_the_batches_llm_engine_schedules(handoff):
         b = sim.schedule()
         sim_batches.append([(s.request_id, n) for s, n in b.entries])
         if b:
-            result = sim.finish_step(b, 0.001, step + 1.0, {})
+            result = sim.finish_step(b, 0.001, step + 1.0, TokenGaps())
             held += [(step + 3, s.request_id) for s in result.held]
         assert [o.handoff for o in outputs].count(True) == len(result.held if b else [])
         counts = ("last_batch_size", "last_prefill_tokens", "prompt_tokens_total",
