@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 from dataclasses import replace
 
@@ -172,6 +173,10 @@ def measure_attention(
 
 
 def _typical(values: list[float]) -> float:
-    """The lower quartile: on a shared machine, slow outliers are other processes' doing."""
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 4]
+    """The mean, without samples over twice the median: a worker pays a step's usual spread
+    (allocator, garbage collection, cache misses) on every step, so the lower end alone would
+    be optimistic; a sample that long is another process's doing, which the simulator adds
+    from its own count of them (--sim-cpu-competitors)."""
+    median = statistics.median(values)
+    kept = [v for v in values if v <= 2 * median]
+    return sum(kept) / len(kept)

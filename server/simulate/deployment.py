@@ -70,7 +70,9 @@ def hardware(args: argparse.Namespace, serve: argparse.Namespace) -> Hardware:
     dtype = serve.dtype or "float32"
     shape = ModelShape.of(cfg, 4 if dtype == "float32" else 2)
     sync = 150.0 if args.sim_sync_us is None else args.sim_sync_us
-    cost = ProfileStepCost(profile, shape, sync_ms=sync / 1000)
+    # A CPU runs the torch backend, whose decode attention pads every row to the longest.
+    cost = ProfileStepCost(profile, shape, sync_ms=sync / 1000,
+                           padded_attention=profile.device == "cpu")  # fmt: skip
     where = args.profile or "the built-in CPU profile"
     return Hardware(cost, shape, None, f"CPU from {where} ({profile.model}, {profile.device})")
 

@@ -29,7 +29,9 @@ class StepWork:
     prefill: list[tuple[int, int]] = field(default_factory=list)  # (chunk, tokens before it)
     local_rows: int = 0  # decode rows whose attention runs here
     local_kv: int = 0  # KV tokens they read
-    remote: dict[str, list[int]] = field(default_factory=dict)  # executor -> [rows, KV tokens]
+    local_longest: int = 0  # KV tokens of the longest of them
+    # executor -> [rows, KV tokens, the longest row's]
+    remote: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,7 +132,7 @@ class GpuStepCost:
         moved += (work.local_kv + sum(c + ctx for c, ctx in work.prefill)) * kv_bytes
         flops += 4.0 * work.local_kv * s.q_width
         remote_ms, executor_ms, executor_bytes = 0.0, {}, {}
-        for executor, (rows, kv) in work.remote.items():
+        for executor, (rows, kv, _) in work.remote.items():
             attend = self.executor_attention_ms(rows, kv)
             link = self.fit.link.ms(s.exchange_bytes(rows) / 2)  # there, and back
             remote_ms = max(remote_ms, attend + 2 * link + self.colocation.sync_ms)
@@ -138,7 +140,7 @@ class GpuStepCost:
             executor_bytes[executor] = kv * kv_bytes * self.num_layers
         wait = max(0.0, remote_ms - local_ms)
         head_ms, head_flops, head_bytes = self._head(work.tokens, work.sampled)
-        rows = work.local_rows + sum(r for r, _ in work.remote.values()) + len(work.prefill)
+        rows = work.local_rows + sum(r for r, *_ in work.remote.values()) + len(work.prefill)
         total = (
             self.num_layers * (linear_ms + local_ms + wait)
             + head_ms
@@ -188,7 +190,11 @@ class GpuStepCost:
 class ProfileStepCost:
     """Step times from `adrenaline profile`'s fitted model of this machine (milliseconds):
     decode step a + b * rows + c * local KV tokens; prefill p0 + p1 * tokens; executor attention
-    per layer e0 + e1 * KV tokens + e2 * rows."""
+    per layer e0 + e1 * KV tokens + e2 * rows.
+
+    With `padded_attention` (a CPU profile: the torch backend), decode attention reads every
+    row's keys padded to the longest row's (attention/torch_backend.py), so the KV tokens it
+    costs are rows x the longest. The profile times rows of one length, where the two agree."""
 
     def __init__(
         self,
@@ -197,8 +203,10 @@ class ProfileStepCost:
         sync_ms: float = 0.15,
         copy_bandwidth: float = 2e9,
         prefill_slowdown: float = 1.0,
+        padded_attention: bool = False,
     ) -> None:
         self.model, self.shape = model, shape
+        self.padded_attention = padded_attention
         self.num_layers = model.num_layers
         self.sync_ms = sync_ms  # per layer: the shared-memory channel's round trip
         self.copy_bandwidth = copy_bandwidth  # bytes/s of a KV copy between processes
@@ -209,20 +217,22 @@ class ProfileStepCost:
 
     def step(self, work: StepWork) -> StepTime:
         m, layers = self.model, self.num_layers
-        rows = work.local_rows + sum(r for r, _ in work.remote.values())
+        rows = work.local_rows + sum(r for r, *_ in work.remote.values())
         total = 0.0
         if work.prefill:
             total += m.prefill_chunks_ms(work.prefill)
         wait, executor_ms = 0.0, {}
         if rows:
             a, b, c = m.decode
-            local_attention = c * work.local_kv / layers
+            padded = self.padded_attention
+            local_kv = work.local_rows * work.local_longest if padded else work.local_kv
+            local_attention = c * local_kv / layers
             remote = 0.0
-            for executor, (n, kv) in work.remote.items():
-                executor_ms[executor] = self.executor_attention_ms(n, kv)
+            for executor, (n, kv, longest) in work.remote.items():
+                executor_ms[executor] = self.executor_attention_ms(n, n * longest if padded else kv)
                 remote = max(remote, executor_ms[executor] + self.sync_ms)
             wait = max(0.0, remote - local_attention)
-            total += m.decode_step_ms(rows, work.local_kv) + layers * wait
+            total += m.decode_step_ms(rows, local_kv) + layers * wait
         return StepTime(ms=total, layer_wait_ms=wait, executor_ms=executor_ms)
 
     def decode_steps(self, work: StepWork, steps: int) -> list[float]:

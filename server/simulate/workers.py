@@ -113,7 +113,7 @@ class EngineWorker(SimProcess):
     def step_work(self, batch: ScheduledBatch) -> tuple[StepWork, dict[str, list]]:
         """The step's work, and its offloaded rows by executor."""
         work = StepWork()
-        local_rows = local_kv = tokens = sampled = 0
+        local_rows = local_kv = local_longest = tokens = sampled = 0
         remote, offloaded = work.remote, {}
         for seq, n in batch.entries:
             tokens += n
@@ -126,17 +126,21 @@ class EngineWorker(SimProcess):
             elif seq.executor:
                 group = remote.get(seq.executor)
                 if group is None:
-                    remote[seq.executor] = [1, end]
+                    remote[seq.executor] = [1, end, end]
                     offloaded[seq.executor] = [seq]
                 else:
                     group[0] += 1
                     group[1] += end
+                    if end > group[2]:
+                        group[2] = end
                     offloaded[seq.executor].append(seq)
             else:
                 local_rows += 1
                 local_kv += end
+                if end > local_longest:
+                    local_longest = end
         work.tokens, work.sampled = tokens, sampled
-        work.local_rows, work.local_kv = local_rows, local_kv
+        work.local_rows, work.local_kv, work.local_longest = local_rows, local_kv, local_longest
         return work, offloaded
 
     def heartbeat(self) -> WorkerStats:

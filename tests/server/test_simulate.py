@@ -130,7 +130,7 @@ def test_offloaded_rows_cost_only_what_the_local_attention_does_not_hide():
     cost = a100_7b()
     local = StepWork(tokens=64, sampled=64, local_rows=64, local_kv=64 * 800)
     split = StepWork(tokens=64, sampled=64, local_rows=32, local_kv=32 * 800,
-                     remote={"attention-0": [32, 32 * 800]})  # fmt: skip
+                     remote={"attention-0": [32, 32 * 800, 800]})  # fmt: skip
     t_local, t_split = cost.step(local), cost.step(split)
     assert t_split.executor_ms["attention-0"] > 0
     # The executor reaches 0.6 of HBM bandwidth against the full kernel's ~0.78: its half
@@ -146,9 +146,45 @@ def test_profile_cost_adds_the_executor_wait_per_layer():
     local = cost.step(StepWork(tokens=10, sampled=10, local_rows=10, local_kv=4000)).ms
     assert local == pytest.approx(1.0 + 0.1 * 10 + 0.001 * 4000)
     split = cost.step(StepWork(tokens=10, sampled=10, local_rows=5, local_kv=400,
-                               remote={"attention-0": [5, 3600]}))  # fmt: skip
+                               remote={"attention-0": [5, 3600, 900]}))  # fmt: skip
     wait = (0.2 + 0.0001 * 3600 + 0.1) - 0.001 * 400 / 4
     assert split.ms == pytest.approx(1.0 + 0.1 * 10 + 0.001 * 400 + 4 * wait)
+
+
+def test_a_steps_work_counts_each_rows_kv_and_the_longest():
+    from engine.batcher import ScheduledBatch
+    from server.simulate.workers import EngineWorker
+
+    def row(prompt: int, generated: int, executor: str = ""):
+        seq = SimEngine(BatchConfig(), 64, 16).new_sequence(f"r{prompt}", prompt, 8, None)
+        seq.token_ids += [0] * generated
+        seq.num_computed_tokens, seq.executor = len(seq.token_ids) - 1, executor
+        return seq
+
+    prompt, a, b = row(50, 0), row(110, 10), row(299, 1)
+    prompt.num_computed_tokens = 0
+    c, d = row(80, 10, "attention-0"), row(390, 10, "attention-0")
+    batch = ScheduledBatch(entries=[(prompt, 50), (a, 1), (b, 1), (c, 1), (d, 1)])
+    work, offloaded = EngineWorker.step_work(None, batch)
+    assert work.prefill == [(50, 0)] and (work.tokens, work.sampled) == (54, 5)
+    assert (work.local_rows, work.local_kv, work.local_longest) == (2, 420, 300)
+    assert work.remote == {"attention-0": [2, 490, 400]} and offloaded["attention-0"] == [c, d]
+
+
+def test_a_cpu_profile_costs_attention_padded_to_the_longest_row():
+    """The torch backend reads every row's keys padded to the longest row's: on a CPU profile,
+    rows of 100 and 700 KV tokens cost as two of 700, here and on an executor."""
+    model = CostModel(num_layers=4, decode=(1.0, 0.1, 0.001), attention=(0.2, 0.0001, 0.0),
+                      prefill=(2.0, 0.01))  # fmt: skip
+    shape = ModelShape.of(model_config("tiny"), 4)
+    padded = ProfileStepCost(model, shape, sync_ms=0.1, padded_attention=True)
+    exact = ProfileStepCost(model, shape, sync_ms=0.1)
+    mixed = StepWork(tokens=2, sampled=2, local_rows=2, local_kv=800, local_longest=700)
+    assert padded.step(mixed).ms == pytest.approx(1.0 + 0.1 * 2 + 0.001 * 1400)
+    assert exact.step(mixed).ms == pytest.approx(1.0 + 0.1 * 2 + 0.001 * 800)
+    remote = StepWork(tokens=2, sampled=2, remote={"attention-0": [2, 800, 700]})
+    assert padded.step(remote).executor_ms["attention-0"] == pytest.approx(0.2 + 0.0001 * 1400)
+    assert exact.step(remote).executor_ms["attention-0"] == pytest.approx(0.2 + 0.0001 * 800)
 
 
 @pytest.mark.skipif(not DEFAULT_DIR.is_dir(), reason="Vidur's calibration data is not here")
