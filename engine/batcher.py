@@ -53,9 +53,9 @@ class Batcher:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
-        queue = list(self.running)
-        while queue and budget > 0:
-            seq = queue.pop(0)
+        for seq in list(self.running):  # a copy: preemption removes from running
+            if budget <= 0:
+                break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted below by an earlier sequence
             if not self._make_room(seq, batch):

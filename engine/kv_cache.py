@@ -7,7 +7,7 @@ keeps its hash until it is handed out again, so the cache survives its owner.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from engine.sequence import Sequence
@@ -44,13 +44,20 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.first_block_id = first_block_id
         ids = range(first_block_id, first_block_id + num_blocks)
-        # Without prefix caching a block has one owner at a time: whether it is free says all,
-        # and the pool keeps no per-block records (a simulated cluster has millions of blocks).
-        self.blocks = {i: Block(i) for i in ids} if enable_prefix_caching else {}
-        # Least recently freed first, so cached prefixes live longest. An OrderedDict, not a
-        # dict: taking from the front of a dict skips every entry deleted there since its last
-        # resize, thousands in a large pool; an OrderedDict pops its first entry at once.
-        self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(ids)
+        # Least recently freed first, so cached prefixes live longest. With prefix caching an
+        # OrderedDict, not a dict: a cached block is revived from the middle, and taking from
+        # the front of a dict skips every entry deleted there since its last resize (thousands
+        # in a large pool), where an OrderedDict pops its first entry at once.
+        self.free_block_ids: OrderedDict[int, None] | deque[int]
+        if enable_prefix_caching:
+            self.blocks = {i: Block(i) for i in ids}
+            self.free_block_ids = OrderedDict.fromkeys(ids)
+        else:
+            # A block has one owner at a time and nothing revives it: a queue of free ids and
+            # a flag per block (a simulated cluster has millions of blocks) say everything.
+            self.blocks = {}
+            self.free_block_ids = deque(ids)
+            self._handed_out = bytearray(num_blocks)
         self.hash_to_block: dict[int, int] = {}
         self.prefix_hits = 0
         self.prefix_queries = 0
@@ -115,10 +122,14 @@ class BlockManager:
     def _take_free_blocks(self, count: int) -> list[int]:
         """The `count` least recently freed blocks, taken (their cached prefixes forgotten)."""
         free, blocks, hashes = self.free_block_ids, self.blocks, self.hash_to_block
+        if not self.enable_prefix_caching:
+            popleft, handed_out, first = free.popleft, self._handed_out, self.first_block_id
+            taken = [popleft() for _ in range(count)]
+            for block_id in taken:
+                handed_out[block_id - first] = 1
+            return taken
         pop = free.popitem
         taken = [pop(last=False)[0] for _ in range(count)]
-        if not self.enable_prefix_caching:
-            return taken
         for block_id in taken:
             block = blocks[block_id]
             if block.hash is not None and hashes.get(block.hash) == block_id:
@@ -230,9 +241,11 @@ class BlockManager:
 
     def _release_owned(self, table: list[int]) -> None:
         """Without prefix caching each block has one owner: freeing it is putting it back."""
-        free, first = self.free_block_ids, self.first_block_id
-        end = first + self.num_blocks
+        put, handed_out = self.free_block_ids.append, self._handed_out
+        first, count = self.first_block_id, self.num_blocks
         for block_id in reversed(table):
-            if first <= block_id < end:
-                assert block_id not in free, f"block {block_id} freed twice"
-                free[block_id] = None
+            i = block_id - first
+            if 0 <= i < count:
+                assert handed_out[i], f"block {block_id} freed twice"
+                handed_out[i] = 0
+                put(block_id)

@@ -123,9 +123,9 @@ def worker_loads(
     # Once per placement over every worker (64 in the simulator's largest runs): lookups bound.
     queued, running, pending = books.queued_tokens.get, books.running.get, books.pending_blocks.get
     sent = assigned.get
-    make = WorkerLoad._make  # tuple.__new__: half the time of WorkerLoad(...)'s Python __new__
+    new = tuple.__new__  # half the time of WorkerLoad(...), whose __new__ is Python code
     return [
-        make((
+        new(WorkerLoad, (
             w.instance,
             w.available or (draining_too and w.alive and not w.stuck),
             queued(w.instance, 0),
