@@ -184,7 +184,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         "--sim-client-request-ms",
         type=float,
         default=1.7,
-        help="benchmark client CPU per HTTP request",
+        help="benchmark client CPU per HTTP request, spent building and sending it",
     )
     g.add_argument("--sim-check-books", action="store_true", help=argparse.SUPPRESS)
     return p
