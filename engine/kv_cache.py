@@ -121,14 +121,14 @@ class BlockManager:
 
     def _take_free_blocks(self, count: int) -> list[int]:
         """The `count` least recently freed blocks, taken (their cached prefixes forgotten)."""
-        free, blocks, hashes = self.free_block_ids, self.blocks, self.hash_to_block
+        free = self.free_block_ids
         if not self.enable_prefix_caching:
             popleft, handed_out, first = free.popleft, self._handed_out, self.first_block_id
             taken = [popleft() for _ in range(count)]
             for block_id in taken:
                 handed_out[block_id - first] = 1
             return taken
-        pop = free.popitem
+        blocks, hashes, pop = self.blocks, self.hash_to_block, free.popitem
         taken = [pop(last=False)[0] for _ in range(count)]
         for block_id in taken:
             block = blocks[block_id]

@@ -274,8 +274,9 @@ def build_lengths(args: argparse.Namespace) -> tuple[list[int], list[int]]:
         return [r.prompt_len for r in requests], [r.output_len for r in requests]
     parse_vocab_range(args.vocab_range)  # the flag errors bench gives
     shape = REASONING_SHAPE if args.dataset == "reasoning" else SYNTHETIC_SHAPE
+    rng = np.random.default_rng(args.seed)
     return lognormal_request_lengths(
-        args.num_prompts, args.max_input_len, args.max_output_len, args.seed, shape
+        rng, args.num_prompts, args.max_input_len, args.max_output_len, shape
     )
 
 

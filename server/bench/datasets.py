@@ -103,7 +103,7 @@ def lognormal_requests(
     shape: tuple[float, float, float, float],  # input median, sigma, output median, sigma
 ) -> list[BenchRequest]:
     rng = np.random.default_rng(seed)
-    inputs, outputs = _lognormal_pairs(rng, num, max_input_len, max_output_len, shape)
+    inputs, outputs = lognormal_request_lengths(rng, num, max_input_len, max_output_len, shape)
     return [
         BenchRequest(_token_prompt(rng, n_in, vocab), n_in, n_out)
         for n_in, n_out in zip(inputs, outputs)
@@ -111,25 +111,14 @@ def lognormal_requests(
 
 
 def lognormal_request_lengths(
-    num: int,
-    max_input_len: int,
-    max_output_len: int,
-    seed: int,
-    shape: tuple[float, float, float, float],
-) -> tuple[list[int], list[int]]:
-    """lognormal_requests' (prompt lengths, output lengths) without drawing the prompts: the
-    same lengths, drawn first from the same generator."""
-    rng = np.random.default_rng(seed)
-    return _lognormal_pairs(rng, num, max_input_len, max_output_len, shape)
-
-
-def _lognormal_pairs(
     rng: np.random.Generator,
     num: int,
     max_input_len: int,
     max_output_len: int,
     shape: tuple[float, float, float, float],
 ) -> tuple[list[int], list[int]]:
+    """lognormal_requests' (prompt lengths, output lengths), drawn before its prompts from the
+    same generator: `simulate` draws these alone."""
     if max_input_len < 4 or max_output_len < 1:
         raise DatasetError("--max-input-len must be >= 4 and --max-output-len >= 1")
     in_median, in_sigma, out_median, out_sigma = shape

@@ -144,9 +144,9 @@ class TokenGaps:
     def clear(self) -> None:
         del self.gaps[:], self.counts[:]
 
-    def add(self, gap: float, count: int = 1) -> None:
+    def add(self, gap: float) -> None:
         self.gaps.append(gap)
-        self.counts.append(count)
+        self.counts.append(1)
 
     def add_each(self, gaps: list[float], count: int) -> None:
         """Each of `gaps`, `count` times."""
@@ -162,11 +162,7 @@ class TokenGaps:
         return {v: int(c) for v, c in zip(*(a.tolist() for a in self.distinct()))}
 
     def summary(self) -> dict[str, float]:
-        return weighted_summary(*self.distinct()) if self.gaps else _empty_summary()
-
-
-def _empty_summary() -> dict[str, float]:
-    return {"mean": 0.0, **{name: 0.0 for name, _ in PERCENTILES}}
+        return weighted_summary(*self.distinct())
 
 
 def weighted_summary(gaps: np.ndarray, weights: np.ndarray) -> dict[str, float]:
@@ -174,7 +170,7 @@ def weighted_summary(gaps: np.ndarray, weights: np.ndarray) -> dict[str, float]:
     order with their counts, exactly as numpy's linear-interpolated percentiles over the
     expanded list."""
     if not len(gaps):
-        return _empty_summary()
+        return {"mean": 0.0, **{name: 0.0 for name, _ in PERCENTILES}}
     values = gaps * 1000.0
     cumulative = np.cumsum(weights)
     total = cumulative[-1]
