@@ -211,28 +211,36 @@ def test_over_the_admission_bound_gets_429_with_retry_after(two_by_two):
 
 def test_sigkill_of_a_decode_worker_moves_its_requests_and_service_goes_on(two_by_two):
     """Runs last on this deployment: it leaves one decode worker dead. Its requests (sampled,
-    not greedy: their random streams must survive the move) continue on the other one."""
+    not greedy: their random streams must survive the move) continue on the other one. The
+    kill waits for every stream's first tokens, so it lands mid-stream however fast the
+    machine decodes (a fixed sleep let all six finish first on a quick one)."""
     victim_pid = two_by_two.stats()["workers"]["decode-0"]["pid"]
+    migrated_before = two_by_two.stats()["requests"]["migrated"]
+    max_tokens, kill_after = 600, 5
+    received = [0] * 6
+    all_decoding = asyncio.Event()
 
     async def long_request(client: httpx.AsyncClient, i: int) -> str:
-        body = {"prompt": f"long {i}", "max_tokens": 300, "stream": True, "ignore_eos": True}
+        body = {"prompt": f"long {i}", "max_tokens": max_tokens, "stream": True,
+                "ignore_eos": True}  # fmt: skip
         async with client.stream("POST", f"{two_by_two.url}/generate", json=body) as resp:
             if resp.status_code != 200:
                 return f"status {resp.status_code}"
-            tokens = 0
             async for line in resp.aiter_lines():
                 chunk = json.loads(line)
                 if "error" in chunk:
                     return "error"
-                tokens += len(chunk["token_ids"])
+                received[i] += len(chunk["token_ids"])
+                if min(received) >= kill_after:
+                    all_decoding.set()
                 if chunk.get("finish_reason"):
-                    return "finished" if tokens == 300 else f"{tokens} tokens"
+                    return "finished" if received[i] == max_tokens else f"{received[i]} tokens"
         return "cut"
 
     async def run() -> list[str]:
         async with httpx.AsyncClient(timeout=120) as client:
             tasks = [asyncio.create_task(long_request(client, i)) for i in range(6)]
-            await asyncio.sleep(1.5)
+            await asyncio.wait_for(all_decoding.wait(), timeout=60)
             os.kill(victim_pid, signal.SIGKILL)
             done, pending = await asyncio.wait(tasks, timeout=120)
             for t in pending:
@@ -241,7 +249,9 @@ def test_sigkill_of_a_decode_worker_moves_its_requests_and_service_goes_on(two_b
             return [t.result() if t in done else "hung" for t in tasks]
 
     results = asyncio.run(run())
-    assert results == ["finished"] * 6, results
+    assert results == ["finished"] * 6, (results, received)
+    # Six requests over two decode workers: the victim had some, and they moved.
+    assert two_by_two.stats()["requests"]["migrated"] > migrated_before
     health = httpx.get(f"{two_by_two.url}/health", timeout=5)
     assert health.status_code == 503 and "decode: 1 of 2" in health.json()["error"]["message"]
     resp = generate(two_by_two.url, PROMPTS[0], 5)

@@ -123,7 +123,12 @@ def test_sigkill_of_the_executor_its_requests_recompute_locally_tokens_unchanged
 
     async def run() -> list[list[int]]:
         task = asyncio.create_task(concurrent_generate(half.url, prompts, lengths, 0.0))
-        await asyncio.sleep(0.5)
+        # The kill waits until some requests decode offloaded, so it lands mid-stream however
+        # fast the machine decodes.
+        async with httpx.AsyncClient(timeout=5) as client:
+            while (await client.get(f"{half.url}/stats")).json()["requests"]["offloaded_now"] < 1:
+                assert not task.done(), "the requests finished before any was offloaded"
+                await asyncio.sleep(0.02)
         os.kill(victim, signal.SIGKILL)
         return await asyncio.wait_for(task, timeout=90)
 
