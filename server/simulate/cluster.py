@@ -137,7 +137,7 @@ class Simulation:
 
     def _heartbeat(self, process: SimProcess) -> None:
         stats = process.heartbeat()
-        self.router.send(self.router.on_heartbeat, process.instance, stats)
+        self.router.heartbeat(process.instance, stats)
         self.meter.heartbeat(self, process, stats)
         self.loop.at(self.loop.now + self.config.heartbeat_s, self._heartbeat, process)
 

@@ -15,11 +15,21 @@ class EventLoop:
         self._order = itertools.count()
         self._stopped = False
         self.events = 0
+        self.order: float = -1  # the running callback's place in the order (-1: none yet)
 
     def at(self, when: float, callback, *args) -> None:
         if when < self.now:
             raise ValueError(f"cannot schedule at {when} s, before now ({self.now} s)")
         heapq.heappush(self._queue, (when, next(self._order), callback, args))
+
+    def reserve_order(self) -> int:
+        """The place an event scheduled now would take, taken without the event: a caller
+        that applies it later itself (`runs_before`) keeps every tie as the heap would."""
+        return next(self._order)
+
+    def runs_before(self, when: float, order: int) -> bool:
+        """Whether an event at `when` with `order` would have run before the running one."""
+        return when < self.now or (when == self.now and order < self.order)
 
     def after(self, delay: float, callback, *args) -> None:
         self.at(self.now + delay, callback, *args)
@@ -33,9 +43,9 @@ class EventLoop:
         queue, pop = self._queue, heapq.heappop
         while queue and not self._stopped:
             if queue[0][0] > until:
-                self.now = until
+                self.now, self.order = until, math.inf  # all that is due by `until` has run
                 return
-            when, _, callback, args = pop(queue)
+            when, self.order, callback, args = pop(queue)
             self.now = when
             self.events += 1
             callback(*args)

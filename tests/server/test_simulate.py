@@ -53,6 +53,47 @@ def test_stop_keeps_the_rest_for_a_later_run_and_the_past_is_refused():
         loop.at(0.5, seen.append, 0)
 
 
+def test_a_heartbeat_is_read_by_decisions_from_when_its_event_would_have_run():
+    """The router applies heartbeats when a decision reads the workers: one sent at 1.0
+    arrives one hop later, after what was due then and scheduled before it was sent, before
+    what was scheduled after (as its own event would), and stays applied."""
+    from types import SimpleNamespace
+
+    from server.simulate.router import SimRouter, SimWorkerState
+    from transport.messages import WorkerStats
+
+    loop, hop = EventLoop(), 0.25
+    sim = SimpleNamespace(loop=loop, config=SimpleNamespace(hop_s=hop), cpu=None)
+    router = SimRouter(sim, parse_policy("none"), max_pending=8)
+
+    def stats(free: int) -> WorkerStats:
+        return WorkerStats(num_running=0, num_waiting=0, num_free_blocks=free, num_blocks=9,
+                           queued_tokens=0, num_preemptions=0, requests_total=0)  # fmt: skip
+
+    state = router.workers["decode-0"] = SimWorkerState("decode-0", "decode", stats(9))
+    seen = []
+
+    def look(label: str) -> None:
+        router.apply_heartbeats()
+        seen.append((label, state.stats.num_free_blocks, state.heartbeat_at))
+
+    def send() -> None:
+        router.heartbeat("decode-0", stats(1))
+        loop.at(1.0 + hop, look, "due on arrival, scheduled after the send")
+
+    loop.at(1.0 + hop, look, "due on arrival, scheduled before the send")
+    loop.at(1.0, send)
+    loop.at(1.0 + hop / 2, look, "on its way")
+    loop.at(2.0, look, "later")
+    loop.run()
+    assert seen == [
+        ("on its way", 9, 0.0),
+        ("due on arrival, scheduled before the send", 9, 0.0),
+        ("due on arrival, scheduled after the send", 1, 1.0 + hop),
+        ("later", 1, 1.0 + hop),
+    ]
+
+
 def test_weighted_percentiles_equal_numpy_over_the_expanded_list():
     import numpy as np
 

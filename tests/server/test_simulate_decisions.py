@@ -28,6 +28,7 @@ MODEL = CostModel(num_layers=4, decode=(0.5, 0.02, 0.001), attention=(0.03, 0.00
 
 
 def snapshot(sim_router: SimRouter, target=None) -> dict:
+    sim_router.apply_heartbeats()  # those arrived by now, as the decision will see them
     return {
         "requests": [
             (r.wire_id, r.index, r.phase, r.prefill, r.decode, r.executor, r.prompt_tokens,

@@ -119,3 +119,28 @@ def test_runs_simulate_what_stepping_one_at_a_time_does(policy, monkeypatch):
     assert sim.meter.decode_steps == ref.meter.decode_steps
     if policy != "none":
         assert sim.router.counters.offloaded > 0
+
+
+@pytest.mark.parametrize("policy", ["none", "load-aware"])
+def test_heartbeats_applied_at_decisions_decide_as_heartbeat_events_do(policy, monkeypatch):
+    """The router applies a heartbeat when a decision reads the workers, not as an event of
+    its own: every placement, every request's times and every worker's stats as seen at the
+    end equal those of a run whose heartbeats arrive as events."""
+    from server.simulate.router import SimRouter
+
+    def seen(sim, done):
+        sim.router.apply_heartbeats()
+        return (
+            [(r.wire_id, r.prefill, r.decode, r.executor, r.ttft, r.e2el, r.itl) for r in done],
+            {n: (w.stats, w.heartbeat_at) for n, w in sim.router.workers.items()},
+        )
+
+    sim, done, _ = simulate(policy)
+    lazy = seen(sim, done)
+    with monkeypatch.context() as m:
+        m.setattr(SimRouter, "heartbeat",
+                  lambda self, instance, stats: self.send(self.on_heartbeat, instance, stats))  # fmt: skip
+        ref, done, _ = simulate(policy)
+    assert not ref.router._heartbeats
+    assert lazy == seen(ref, done)
+    assert sim.loop.events < ref.loop.events
