@@ -64,12 +64,6 @@ class DecodeRun:
             self.engine.batcher.grow_for_decode_steps(step - self.grown, ahead)
             self.grown = step
 
-    def blocks_to_grow(self, step: int) -> int:
-        """The free blocks grow(step) would take."""
-        if step <= self.grown:
-            return 0
-        return self.engine.blocks.blocks_for_rounds(self.rows, 1, step - 1 - self.committed)
-
     def steps_that_fit(self, step: int) -> int:
         """How many steps after `step` (of those planned) the free blocks still cover."""
         rows, ahead = self.rows, step - self.committed
@@ -164,12 +158,10 @@ class DecodeRuns:
         if run is None:
             return self.engine.stats()
         step = run.step_at(self.loop.now, arriving=False)
-        stats = run.stats_at(step, self.engine.stats())
-        # The steps begun have had their schedule(): their blocks count as taken. They are
-        # taken later, by the next grow(), in the same order: nothing else allocates or frees
-        # here before it (a message that would stops the run, or grows it first).
-        stats["num_free_blocks"] -= run.blocks_to_grow(step)
-        return stats
+        # The steps begun have had their schedule(): their blocks are taken now, in the order
+        # they would have been then (nothing else allocates before the step's end).
+        run.grow(step)
+        return run.stats_at(step, self.engine.stats())
 
     def _begin_run(self: DecodeWorker, batch: ScheduledBatch, work: StepWork, steps: int):
         self.run, self.busy = DecodeRun(self, batch, work, steps), True
