@@ -216,40 +216,18 @@ def test_sigkill_of_a_decode_worker_moves_its_requests_and_service_goes_on(two_b
     machine decodes (a fixed sleep let all six finish first on a quick one)."""
     victim_pid = two_by_two.stats()["workers"]["decode-0"]["pid"]
     migrated_before = two_by_two.stats()["requests"]["migrated"]
-    max_tokens, kill_after = 600, 5
-    received = [0] * 6
-    all_decoding = asyncio.Event()
+    max_tokens = 600
+    bodies = [{"prompt": f"long {i}", "max_tokens": max_tokens, "ignore_eos": True}
+              for i in range(6)]  # fmt: skip
 
-    async def long_request(client: httpx.AsyncClient, i: int) -> str:
-        body = {"prompt": f"long {i}", "max_tokens": max_tokens, "stream": True,
-                "ignore_eos": True}  # fmt: skip
-        async with client.stream("POST", f"{two_by_two.url}/generate", json=body) as resp:
-            if resp.status_code != 200:
-                return f"status {resp.status_code}"
-            async for line in resp.aiter_lines():
-                chunk = json.loads(line)
-                if "error" in chunk:
-                    return "error"
-                received[i] += len(chunk["token_ids"])
-                if min(received) >= kill_after:
-                    all_decoding.set()
-                if chunk.get("finish_reason"):
-                    return "finished" if received[i] == max_tokens else f"{received[i]} tokens"
-        return "cut"
+    def all_decoding(progress: dict[int, int]) -> bool:
+        return len(progress) == len(bodies) and min(progress.values()) >= 5
 
-    async def run() -> list[str]:
-        async with httpx.AsyncClient(timeout=120) as client:
-            tasks = [asyncio.create_task(long_request(client, i)) for i in range(6)]
-            await asyncio.wait_for(all_decoding.wait(), timeout=60)
-            os.kill(victim_pid, signal.SIGKILL)
-            done, pending = await asyncio.wait(tasks, timeout=120)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            return [t.result() if t in done else "hung" for t in tasks]
-
-    results = asyncio.run(run())
-    assert results == ["finished"] * 6, (results, received)
+    results = two_by_two.run_under_fault(
+        bodies, lambda: os.kill(victim_pid, signal.SIGKILL), all_decoding
+    )
+    outcomes = [(r.get("finish"), len(r.get("tokens", ())), r.get("error")) for r in results]
+    assert outcomes == [("length", max_tokens, None)] * 6, outcomes
     # Six requests over two decode workers: the victim had some, and they moved.
     assert two_by_two.stats()["requests"]["migrated"] > migrated_before
     health = httpx.get(f"{two_by_two.url}/health", timeout=5)

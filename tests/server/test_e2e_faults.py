@@ -5,8 +5,6 @@ starts its own deployment."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import signal
 import time
@@ -31,41 +29,9 @@ def expected() -> list[list[int]]:
     return [o.token_ids for o in LLM("tiny", num_blocks=512).generate(PROMPTS, params)]
 
 
-async def stream(client: httpx.AsyncClient, url: str, prompt: str, progress: dict) -> dict:
-    """One streamed greedy request; returns its joined tokens and text, or its error."""
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-            "stream": True}  # fmt: skip
-    tokens, text = [], ""
-    async with client.stream("POST", f"{url}/generate", json=body) as resp:
-        if resp.status_code != 200:
-            return {"error": f"status {resp.status_code}: {await resp.aread()}"}
-        async for line in resp.aiter_lines():
-            chunk = json.loads(line)
-            if "error" in chunk:
-                return {"error": chunk["error"]["message"]}
-            tokens += chunk["token_ids"]
-            text += chunk["text"]
-            progress[prompt] = len(tokens)
-            if chunk.get("finish_reason"):
-                return {"tokens": tokens, "text": text, "finish": chunk["finish_reason"]}
-    return {"error": "stream cut"}
-
-
-def run_under_fault(deployment: Deployment, fault, when) -> list[dict]:
-    """Streams every prompt at once and calls `fault()` as soon as `when(progress)` holds."""
-
-    async def main() -> list[dict]:
-        progress: dict[str, int] = {}
-        async with httpx.AsyncClient(timeout=120) as client:
-            tasks = [asyncio.create_task(stream(client, deployment.url, p, progress))
-                     for p in PROMPTS]  # fmt: skip
-            deadline = time.monotonic() + 60
-            while not when(progress) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            fault()
-            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
-
-    return asyncio.run(main())
+# Greedy: every request's tokens must equal an undisturbed run's.
+BODIES = [{"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+          for p in PROMPTS]  # fmt: skip
 
 
 def all_decoding(progress: dict[str, int]) -> bool:
@@ -101,8 +67,8 @@ def test_sigkill_of_a_decode_worker_migrates_its_requests(expected):
     deployment = Deployment(*TWO_BY_TWO, "--offload-policy", "ratio:0.5")
     try:
         victim = worker_pid(deployment, "decode-0")
-        results = run_under_fault(
-            deployment,
+        results = deployment.run_under_fault(
+            BODIES,
             lambda: os.kill(victim, signal.SIGKILL),
             all_decoding,
         )
@@ -125,7 +91,7 @@ def test_sigkill_of_a_prefill_worker_mid_prompt_moves_its_prompts(expected, monk
         def stalled_with_work(_progress) -> bool:
             return deployment.stats()["workers"]["prefill-0"]["step_running_s"] > 0.5
 
-        results = run_under_fault(deployment, lambda: os.kill(victim, signal.SIGKILL),
+        results = deployment.run_under_fault(BODIES, lambda: os.kill(victim, signal.SIGKILL),
                                   stalled_with_work)  # fmt: skip
         assert_whole_and_equal(results, expected)
         stats = deployment.wait_idle()
@@ -138,8 +104,8 @@ def test_sigterm_drains_a_decode_worker_under_load(expected):
     deployment = Deployment(*TWO_BY_TWO, "--offload-policy", "none", "--no-attention-executor")
     try:
         victim = worker_pid(deployment, "decode-0")
-        results = run_under_fault(
-            deployment,
+        results = deployment.run_under_fault(
+            BODIES,
             lambda: os.kill(victim, signal.SIGTERM),
             all_decoding,
         )
@@ -162,7 +128,7 @@ def test_a_worker_stalled_inside_a_step_is_not_declared_dead(expected, monkeypat
     )  # fmt: skip
     try:
         started = time.monotonic()
-        results = run_under_fault(deployment, lambda: None, lambda _progress: True)
+        results = deployment.run_under_fault(BODIES, lambda: None, lambda _progress: True)
         assert time.monotonic() - started >= 10  # the stall happened
         assert_whole_and_equal(results, expected)
         stats = deployment.wait_idle()

@@ -15,6 +15,7 @@ from server.simulate.cluster import SimConfig, Simulation, Workload
 from server.simulate.engine import SimEngine
 from server.simulate.hardware import ModelShape, gpu, model_config
 from server.simulate.roofline import load_fit
+from server.simulate.router import SimRouter
 from server.simulate.step_cost import GpuStepCost, ProfileStepCost, StepWork
 from server.simulate.workers import DecodeWorker
 
@@ -126,7 +127,6 @@ def test_heartbeats_applied_at_decisions_decide_as_heartbeat_events_do(policy, m
     """The router applies a heartbeat when a decision reads the workers, not as an event of
     its own: every placement, every request's times and every worker's stats as seen at the
     end equal those of a run whose heartbeats arrive as events."""
-    from server.simulate.router import SimRouter
 
     def seen(sim, done):
         sim.router.apply_heartbeats()
