@@ -63,6 +63,30 @@ def profile(path: Path, quick: bool = False) -> float:
     return background.competitors
 
 
+def profiled(path: Path, quick: bool) -> dict:
+    """A profile taken now, as a real run's record keeps it: the model, and the runnable
+    processes other jobs kept while it ran."""
+    competitors = profile(path, quick)
+    return {"model": json.loads(path.read_text()), "competitors": competitors}
+
+
+def during(run: dict, cores: float) -> CostModel | None:
+    """The step costs while a real run ran: the mean of the profiles taken just before and just
+    after it (of each repeat), each on a core of its own. This machine's speed drifts (a profile
+    took 2.2 times as long as one an hour before it), so one profile taken before every run is
+    off by as much. None for runs recorded before these profiles were."""
+    if not run.get("profiles"):
+        return None
+    models = [alone(CostModel.from_json(p["model"]), p["competitors"], cores)
+              for p in run["profiles"]]  # fmt: skip
+
+    def mean(field: str) -> tuple[float, ...]:
+        return tuple(statistics.fmean(c) for c in zip(*(getattr(m, field) for m in models)))
+
+    return replace(models[0], decode=mean("decode"), attention=mean("attention"),
+                   prefill=mean("prefill"))  # fmt: skip
+
+
 def alone(model: CostModel, competitors: float | None, cores: float) -> CostModel:
     """The profile's times on a core of its own: under fair sharing with `competitors` other
     runnable processes it ran at min(1, cores / (1 + competitors)) of a core."""
@@ -111,19 +135,33 @@ def _machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _runnable_threads() -> int:
-    """Threads runnable on the machine now, this one included (/proc/stat procs_running)."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("procs_running"):
-            return int(line.split()[1])
-    return 0
+def _cpu_ticks() -> dict[int, int]:
+    """Every process's CPU time so far, in clock ticks."""
+    ticks = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    return ticks
 
 
-def _running(pid: int) -> bool:
+def _running_threads(pid: int) -> int:
+    """Threads of `pid` runnable now (a process's own state is its main thread's alone)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return False
+        return 0
+    running = 0
+    for tid in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        running += stat.rsplit(")", 1)[1].split()[0] == "R"
+    return running
 
 
 class Sampler:
@@ -157,25 +195,45 @@ class Sampler:
 
 class Background(Sampler):
     """What other jobs did while the benchmark ran: the cores they used (the machine's busy time
-    less that of the deployment's processes and of this one), and the runnable processes they
-    kept, sampled every SAMPLE_S (the machine's runnable threads less ours and the sampler)."""
+    less that of the deployment's processes and of this one), and the threads they kept
+    runnable, counted every SAMPLE_S among the processes that used the CPU within REFRESH_S.
+
+    Counted, not inferred: the machine's runnable threads (procs_running) less ours, read a
+    moment apart while ours wake and sleep every millisecond, came out 0.3 to 0.8 on a quiet
+    machine where a scan of every thread found 0.03."""
 
     SAMPLE_S = 0.02
+    REFRESH_S = 1.0
 
     def __init__(self, ours: set[int]) -> None:
         super().__init__()
-        self.ours = ours
+        self.ours = ours | {os.getpid()}
+        self._ticks: dict[int, int] = {}
+        self._active: list[int] = []
+        self._refresh_at = 0.0
 
-    def _ours(self) -> float:
-        return sum(_cpu_seconds(pid) for pid in self.ours) + time.process_time()
+    def _refresh(self) -> None:
+        """The other processes that used the CPU since the last refresh (a full scan of /proc
+        each sample would cost a fifth of a core)."""
+        ticks = _cpu_ticks()
+        self._active = [pid for pid, t in ticks.items()
+                        if pid not in self.ours and t > self._ticks.get(pid, t)]  # fmt: skip
+        self._ticks = ticks
+        self._refresh_at = time.perf_counter() + self.REFRESH_S
 
     def sample(self) -> int:
-        mine = sum(_running(pid) for pid in self.ours | {os.getpid()})
-        return max(0, _runnable_threads() - mine - 1)
+        if time.perf_counter() >= self._refresh_at:
+            self._refresh()
+        return sum(_running_threads(pid) for pid in self._active)
+
+    def _ours(self) -> float:
+        return sum(_cpu_seconds(pid) for pid in self.ours)
 
     def __enter__(self) -> Background:
         self.started = time.perf_counter()
         self.machine, self.deployment = _machine_busy_seconds(), self._ours()
+        self._ticks = _cpu_ticks()
+        self._refresh_at = self.started + self.SAMPLE_S  # the first sample finds the active
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -250,7 +308,11 @@ def bench_args(args, profile_path: Path) -> argparse.Namespace:
     ])  # fmt: skip
 
 
-def real_runs(args, bargs, profile_path: Path, policy: str, rates: list[float]) -> list[dict]:
+def real_runs(
+    args, bargs, profile_path: Path, policy: str, rates: list[float], quick: bool = False
+) -> list[dict]:
+    """One run per rate on a fresh deployment, with a profile of the machine taken between
+    runs (the deployment idle) so that each run's simulation gets the speed it ran at."""
     flags = ["--offload-policy", policy, "--log-level", "WARNING", *SERVE.split(),
              "--profile", str(profile_path)]  # fmt: skip
     server = ServeProcess(flags, startup_timeout=600.0)
@@ -259,7 +321,8 @@ def real_runs(args, bargs, profile_path: Path, policy: str, rates: list[float]) 
         model = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["id"]
         requests = build_requests(bargs)
         bodies = [request_body("/v1/completions", model, r, True) for r in requests]
-        rows = []
+        now = profile_path.with_suffix(".now.json")
+        between, rows = [profiled(now, quick)], []
         for rate in rates:
             offsets = arrival_times(len(requests), rate, bargs.seed)
             with Background(ours) as background, Gauges(server.url) as gauges:
@@ -267,10 +330,12 @@ def real_runs(args, bargs, profile_path: Path, policy: str, rates: list[float]) 
                     server.url + "/v1/completions", bodies, [r.prompt_len for r in requests],
                     offsets, None, 3600.0, show_progress=False,
                 ))  # fmt: skip
+            between.append(profiled(now, quick))
             row = aggregate(records, duration)
             row.update(request_rate=rate, background_cores=background.cores,
                        deployment_cores=background.ours_cores,
-                       competitors=background.competitors, gauges=gauges.means())  # fmt: skip
+                       competitors=background.competitors, gauges=gauges.means(),
+                       profiles=between[-2:])  # fmt: skip
             rows.append(row)
         return rows
     finally:
@@ -284,11 +349,13 @@ def simulated_runs(
     hw = hardware(bargs, serve)
     # The steps' own cost, without the other jobs of the profiling run; the router's policy
     # still gets the profile as measured, as the real router does.
-    hw.cost.model = alone(hw.cost.model, profile_competitors, float(os.cpu_count() or 1))
+    cores = float(os.cpu_count() or 1)
+    first = alone(hw.cost.model, profile_competitors, cores)
     sim, _ = build(bargs, serve, hw)
     workload = Workload(*build_lengths(bargs), [])
     rows = []
     for r in real:
+        hw.cost.model = during(r, cores) or first
         # The other jobs of that real run: their runnable processes share the cores fairly
         # with ours (runs recorded before that was measured: the cores they used).
         if r.get("competitors") is not None:
@@ -299,6 +366,8 @@ def simulated_runs(
             row = simulate_rate(sim, hw, workload, r["request_rate"], bargs)
         row.pop("_requests")
         row["gauges"] = gauges.means()
+        # How far the machine's speed had moved since the first profile (a 4-row decode step).
+        row["drift"] = hw.cost.model.decode_step_ms(4, 2048) / first.decode_step_ms(4, 2048)
         rows.append(row)
     return rows
 
@@ -397,6 +466,7 @@ def median_run(cells: tuple[dict, ...]) -> dict:
         run[key] = statistics.median(c[key] for c in cells)
     for key in ("background_cores", "deployment_cores", "competitors"):
         run[key] = statistics.fmean(c[key] for c in cells)
+    run["profiles"] = [p for c in cells for p in c.get("profiles", [])]
     if all("gauges" in c for c in cells):
         run["gauges"] = {k: statistics.median(c["gauges"][k] for c in cells)
                          for k in cells[0]["gauges"]}  # fmt: skip
@@ -409,7 +479,7 @@ def compare(policy: str, real: list[dict], sim: list[dict]) -> list[dict]:
     for r, s in zip(real, sim):
         row = {"policy": policy, "rate": r["request_rate"],
                "background_cores": round(r["background_cores"], 2),
-               "competitors": r.get("competitors")}  # fmt: skip
+               "competitors": r.get("competitors"), "drift": round(s["drift"], 2)}  # fmt: skip
         for key in TARGETS:
             values = [c[key] for c in r.get("repeats", [r])]
             row[key] = {"real": r[key], "simulated": s[key],
@@ -420,11 +490,12 @@ def compare(policy: str, real: list[dict], sim: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'policy':<12}{'rate':>6}{'others':>8}{'runnable':>9}"
+    print(f"{'policy':<12}{'rate':>6}{'others':>8}{'runnable':>9}{'drift':>7}"
           + "".join(f"{f'{k} (<{t:.0%})':>36}" for k, t in TARGETS.items()))  # fmt: skip
     for row in rows:
         runnable = "-" if row.get("competitors") is None else f"{row['competitors']:.1f}"
         line = f"{row['policy']:<12}{row['rate']!s:>6}{row['background_cores']:>8.2f}{runnable:>9}"
+        line += f"{row.get('drift', 1.0):>7.2f}"
         for key in TARGETS:
             cell = row[key]
             err = "-" if cell["error"] is None else f"{cell['error']:.0%}"
@@ -435,6 +506,7 @@ def print_table(rows: list[dict]) -> None:
     print(
         "others: cores other jobs on the machine used during that real run; runnable: the"
         " processes they kept runnable (the simulation shares the cores fairly with them);"
+        " drift: the step time of the profiles taken around that run over the first profile's;"
         " real: the median of the repeats, ± half their range"
     )
 
