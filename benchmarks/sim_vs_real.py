@@ -104,15 +104,20 @@ def alone(model: CostModel, competitors: float | None, cores: float) -> CostMode
 # What the machine does meanwhile ----------------------------------------------------------------
 
 
+def _stat(path: str) -> list[str] | None:
+    """A /proc stat file's fields after the command name (None once the process is gone)."""
+    try:
+        return Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def _descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    parents = {p: int(fields[1]) for p in _pids() if (fields := _stat(f"/proc/{p}/stat"))}
     found, frontier = set(), {pid}
     while frontier:
         frontier = {p for p, parent in parents.items() if parent in frontier} - found
@@ -120,12 +125,12 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _ticks(fields: list[str] | None) -> int:
+    return int(fields[11]) + int(fields[12]) if fields else 0
+
+
 def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _ticks(_stat(f"/proc/{pid}/stat")) / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_busy_seconds() -> float:
@@ -137,15 +142,7 @@ def _machine_busy_seconds() -> float:
 
 def _cpu_ticks() -> dict[int, int]:
     """Every process's CPU time so far, in clock ticks."""
-    ticks = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks[int(entry)] = int(fields[11]) + int(fields[12])
-    return ticks
+    return {p: _ticks(fields) for p in _pids() if (fields := _stat(f"/proc/{p}/stat"))}
 
 
 def _running_threads(pid: int) -> int:
@@ -154,14 +151,8 @@ def _running_threads(pid: int) -> int:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return 0
-    running = 0
-    for tid in tasks:
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        running += stat.rsplit(")", 1)[1].split()[0] == "R"
-    return running
+    states = (_stat(f"/proc/{pid}/task/{tid}/stat") for tid in tasks)
+    return sum(1 for fields in states if fields and fields[0] == "R")
 
 
 class Sampler:
