@@ -1,7 +1,7 @@
 """Decode steps padded to a CUDA graph's batch-size bucket, on the tiny model: the same greedy
-tokens and logits bits as unpadded steps, padding rows writing nothing into real KV blocks, with
-local and offloaded rows; the buckets, the max_seq_len guard and the KV budget arithmetic. On a
-GPU: captured graphs replay to the tokens of eager steps."""
+tokens as unpadded steps and logits and KV equal to float32 rounding, padding rows writing nothing
+into real KV blocks, with local and offloaded rows; the buckets, the max_seq_len guard and the KV
+budget arithmetic. On a GPU: captured graphs replay to the tokens of eager steps."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ KWARGS = dict(num_blocks=64, block_size=16, max_model_len=256, max_num_seqs=16)
 PROMPTS = [[(7 * i + j) % 300 + 3 for j in range(5 + 9 * i)] for i in range(9)]
 PARAMS = [SamplingParams(max_tokens=3 + 2 * i, temperature=0, ignore_eos=True) for i in range(9)]
 GIB = 1 << 30
+# float32 rounding carried through the tiny model's layers; a padding row leaking moves values ~1
+ROUNDING = dict(rtol=1e-4, atol=1e-4)
 
 
 def test_buckets_hold_every_batch_size_in_the_smallest_fitting_size() -> None:
@@ -76,12 +78,20 @@ def test_padded_decode_steps_give_the_same_tokens_logits_and_kv(unpadded) -> Non
     assert all(padded in graph_batch_sizes(16) for _, padded in steps)
     assert (9, 16) in steps and (5, 8) in steps and (3, 4) in steps and (1, 1) in steps
     assert all(rows == n for rows, n in ref_steps)
+    # Not bit-equal: a GEMM's kernel, and so its summation order, may depend on its row count
+    # (CI's CPU gave one logit 9.8526e-01 padded, 9.8527e-01 not). A padding row leaking into a
+    # real row would move it by far more than float32 rounding.
     assert len(logits) == len(ref_logits)
     for step, (ours, theirs) in enumerate(zip(logits, ref_logits)):
         assert ours.keys() == theirs.keys()
         for rid in ours:
-            assert torch.equal(ours[rid], theirs[rid]), f"step {step}, {rid}"
-    assert torch.equal(kv, ref_kv)
+            torch.testing.assert_close(
+                ours[rid],
+                theirs[rid],
+                **ROUNDING,
+                msg=lambda m, at=f"step {step}, {rid}": f"{at}: {m}",
+            )
+    torch.testing.assert_close(kv, ref_kv, **ROUNDING)
 
 
 def test_padding_rows_write_only_the_padding_block() -> None:
