@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 HANDOFF_TIMEOUT_S = 60.0  # first token to decoding: reservations, KV copy
 MAX_MIGRATIONS = 3
 STUCK_TIMEOUT_S = 120.0
+HOUSEKEEPING_S = 0.02
+# Housekeeping this late means the router itself did not run (a paused VM, a starved process).
+ROUTER_STALL_S = 0.5
 
 
 @dataclass
@@ -585,12 +588,25 @@ class Router:
     # Housekeeping ---------------------------------------------------------------------------
 
     async def _housekeeping_loop(self) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(HOUSEKEEPING_S)
+            now = time.monotonic()
             try:
-                self._housekeeping(time.monotonic())
+                if now - last > ROUTER_STALL_S:
+                    self._forgive_stall(now - last, now)
+                self._housekeeping(now)
             except Exception:  # a bug here must not stop liveness checks for good
                 log.exception("router housekeeping failed")
+            last = now
+
+    def _forgive_stall(self, stall_s: float, now: float) -> None:
+        """Time the router did not run is nobody's delay: the heartbeats and hand-off replies
+        sent meanwhile wait unread in its socket, behind this check."""
+        log.warning("the router did not run for %.1f s; deadlines move on by as much", stall_s)
+        self.registry.forgive(stall_s, now)
+        for req in self.requests.values():
+            req.deadline += stall_s
 
     def _housekeeping(self, now: float) -> None:
         for worker in self.registry.check(now):

@@ -5,7 +5,9 @@ deadline), or draining (finishing its requests before it exits).
 Liveness is about the process, never the step: heartbeats come from a thread of their own in
 every worker, a worker on this host is checked by pid within a heartbeat of exiting, and a
 worker that is merely slow stays alive. A stuck worker stays registered, but takes nothing new
-and the router moves its requests elsewhere.
+and the router moves its requests elsewhere. Silence is counted only while the router itself
+ran: a router stalled past the timeout (a paused VM, a starved process) finds its workers'
+heartbeats waiting unread, and must not call them dead for its own absence.
 """
 
 from __future__ import annotations
@@ -143,6 +145,12 @@ class WorkerRegistry:
                 continue
             died.append(w)
         return died
+
+    def forgive(self, stall_s: float, now: float) -> None:
+        """The router did not run for `stall_s`: the heartbeats sent meanwhile wait unread in
+        its socket, so that time is no worker's silence."""
+        for w in self.workers.values():
+            w.last_seen = min(now, w.last_seen + stall_s)
 
     def _on_this_host(self, worker: WorkerInfo) -> bool:
         return bool(self.host) and worker.registration.host == self.host

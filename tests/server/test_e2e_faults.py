@@ -138,3 +138,38 @@ def test_a_worker_stalled_inside_a_step_is_not_declared_dead(expected, monkeypat
         assert httpx.get(f"{deployment.url}/health", timeout=5).status_code == 200
     finally:
         deployment.stop()
+
+
+def role_pid(deployment: Deployment, role: str) -> int:
+    """The pid of the deployment's `adrenaline <role>` process, a child of serve."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                argv = cmd.read().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if parent == deployment.proc.pid and role.encode() in argv[1:3]:
+            return int(entry)
+    raise AssertionError(f"no {role} process under serve (pid {deployment.proc.pid})")
+
+
+def test_a_router_paused_past_the_heartbeat_timeout_loses_nothing(expected):
+    # SIGSTOP: the router's loop and its ZeroMQ threads stop together, as in a paused VM; the
+    # workers' heartbeats pile up unread past the timeout (2 s).
+    deployment = Deployment(*TWO_BY_TWO, "--offload-policy", "ratio:0.5")
+    try:
+        router = role_pid(deployment, "router")
+
+        def pause() -> None:
+            os.kill(router, signal.SIGSTOP)
+            time.sleep(4)
+            os.kill(router, signal.SIGCONT)
+
+        results = deployment.run_under_fault(BODIES, pause, all_decoding)
+        assert_whole_and_equal(results, expected)
+        stats = deployment.wait_idle()
+        assert all(w["alive"] for w in stats["workers"].values())
+        assert stats["requests"]["migrated"] == 0 and stats["requests"]["failed"] == 0
+    finally:
+        deployment.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 
 import msgspec
 import pytest
@@ -13,6 +14,7 @@ import zmq
 import zmq.asyncio
 
 from engine.sequence import InvalidRequestError
+from server.router import core
 from server.router.core import Router
 from transport.messages import (
     DecodeReserved,
@@ -85,6 +87,15 @@ async def settle(router: Router, until, timeout: float = 2.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def prefill_and_decode(router: Router, worker) -> tuple[FakeWorker, FakeWorker]:
+    """prefill-0 and decode-0, registered with the router."""
+    p, d = worker("prefill", "prefill-0"), worker("decode", "decode-0")
+    await p.register()
+    await d.register()
+    await settle(router, lambda: len(router.workers) == 2)
+    return p, d
+
+
 async def drive_to_decoding(router, prefill: FakeWorker, decode: FakeWorker, request_id: str,
                             first: int = 7) -> None:  # fmt: skip
     """Plays a prefill and a decode worker through the hand-off of `request_id`."""
@@ -104,9 +115,7 @@ def test_forged_registration_and_outputs_are_dropped(cluster):
     loop, router, worker = cluster
 
     async def main():
-        p, d = worker("prefill", "prefill-0"), worker("decode", "decode-0")
-        await p.register()
-        await d.register()
+        p, d = await prefill_and_decode(router, worker)
         # Another process claims decode-0 from its own identity, advertising room galore.
         forger = worker("decode", "forger")
         await forger.register(instance="decode-0", free_blocks=10**9)
@@ -138,9 +147,7 @@ def test_receive_loop_survives_any_frame(cluster):
     loop, router, worker = cluster
 
     async def main():
-        p, d = worker("prefill", "prefill-0"), worker("decode", "decode-0")
-        await p.register()
-        await d.register()
+        p, d = await prefill_and_decode(router, worker)
         junk = [[b"a", b"b"], [b"", b"", b""], [b"\x00" * 100], [b"\xc1"],
                 [encode(STATS)],  # valid msgpack, not a message
                 [msgspec.msgpack.encode({"type": "TokenOutput", "request_id": 5})]]  # fmt: skip
@@ -161,10 +168,7 @@ def test_out_of_range_integers_are_refused_and_leak_nothing(cluster):
     loop, router, worker = cluster
 
     async def main():
-        p, d = worker("prefill", "prefill-0"), worker("decode", "decode-0")
-        await p.register()
-        await d.register()
-        await settle(router, lambda: len(router.workers) == 2)
+        p, d = await prefill_and_decode(router, worker)
         bad = msgspec.structs.replace(GREEDY, seed=2**64)
         with pytest.raises(InvalidRequestError):
             await anext(router.generate("gen-2", [1, 2], bad))
@@ -224,5 +228,41 @@ def test_a_dead_decode_worker_s_request_continues_on_another(cluster):
         assert all(o.request_id == "gen-3" for o in rest)
         await stream.aclose()
         assert router.counters["migrated"] == 1 and not router.requests
+
+    loop.run_until_complete(main())
+
+
+def test_a_stalled_router_blames_no_worker_and_no_hand_off(cluster, monkeypatch):
+    """The router's own loop stops for longer than the heartbeat timeout (1 s) and the hand-off
+    deadline (1 s here) while a request waits on its decode reservation; its workers were
+    silent only while the router could not listen, so nothing dies and nothing moves."""
+    monkeypatch.setattr(core, "HANDOFF_TIMEOUT_S", 1.0)
+    loop, router, worker = cluster
+
+    async def main():
+        p, d = await prefill_and_decode(router, worker)
+        stream = router.generate("gen-4", [1, 2, 3], GREEDY)
+        first = asyncio.ensure_future(anext(stream))
+        msg = await p.recv()
+        await p.send(TokenOutput(msg.request_id, [7], "a", False, handoff=True, block_table=[0]))
+        reserve = await d.recv()
+        assert isinstance(reserve, ReserveDecode)
+        time.sleep(1.5)  # the whole event loop, router included, stops
+        await asyncio.sleep(0.1)  # housekeeping runs before the late replies arrive
+        assert all(w.alive for w in router.workers.values())
+        await d.send(DecodeReserved(reserve.request_id, [3]))
+        assert isinstance(await p.recv(), SendKV)
+        await p.send(KVSent(reserve.request_id))
+        assert isinstance(await d.recv(), StartDecode)
+        await d.send(TokenOutput("gen-4", [8], "b", True, finish_reason="length"))
+        assert (await first).token_ids == [7]
+        assert (await anext(stream)).token_ids == [8]
+        await stream.aclose()
+        assert router.counters["migrated"] == 0 and not router.requests
+        # Silence the router hears still counts: decode-0 stops beating and dies within ~1 s.
+        for _ in range(15):
+            await p.register()
+            await asyncio.sleep(0.1)
+        assert router.workers["prefill-0"].alive and not router.workers["decode-0"].alive
 
     loop.run_until_complete(main())
