@@ -68,7 +68,8 @@ assumptions (defaults; README.md, 'Simulate a deployment', gives each its source
   CPU         with --profile every role shares the cores (--sim-cpu-cores, less
               --sim-cpu-background, or fairly with --sim-cpu-competitors runnable processes
               of other jobs); router 200 us and client 140 us a token, 2.7 ms and 1.7 ms a
-              request; decode attention padded to the longest row (the torch backend)
+              request; decode attention padded to the longest row (the torch backend); an
+              executor polling between layers is runnable, but yields to a prefill step
   pools       --gpu-memory-utilization x HBM less weights and activations; the executor's
               share (--offload-memory-fraction) comes out of its prefill worker's pool
   workloads   no prefix-cache hits, no EOS: a request ends at max_tokens or max_model_len

@@ -145,6 +145,24 @@ def test_cores_are_shared_by_whoever_is_runnable():
     assert done["decode2"] == pytest.approx(1.0)
 
 
+def test_a_prefill_step_takes_the_core_a_spinner_yields():
+    from server.simulate.cpu import CpuPool
+    from server.simulate.workers import PrefillWorker
+
+    loop, done = EventLoop(), {}
+    cpu = CpuPool(loop, cores=1.0)
+    prefill = PrefillWorker.__new__(PrefillWorker)  # only its role matters here
+    cpu.hold("executor")  # spinning between layers
+    cpu.run(prefill, 0.5, lambda: done.setdefault("prefill", loop.now))
+    loop.run()
+    assert done["prefill"] == pytest.approx(0.5)  # the spinner took none of its core
+    start = loop.now
+    cpu.run("decode", 0.5, lambda: done.setdefault("decode", loop.now - start))
+    loop.run()
+    assert done["decode"] == pytest.approx(1.0)  # anyone else shares with it
+    cpu.drop("executor")
+
+
 # Cost models ------------------------------------------------------------------------------------
 
 
