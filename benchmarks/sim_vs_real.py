@@ -46,6 +46,7 @@ from server.simulate.deployment import build, hardware, parse_serve_args
 # Decode KV capped (256 blocks of 16 tokens, as benchmarks/README's policy comparison) so that
 # offloading matters; the executor's pool is four times larger.
 SERVE = "--model tiny --num-kv-blocks 256 --offload-blocks 1024"
+TIMES = ("decode", "attention", "prefill", "offloaded", "exchange")  # a profile's fitted times
 TARGETS = {"output_throughput": 0.15, "median_tpot_ms": 0.15, "median_ttft_ms": 0.25}
 
 
@@ -83,8 +84,7 @@ def during(run: dict, cores: float) -> CostModel | None:
     def mean(field: str) -> tuple[float, ...]:
         return tuple(statistics.fmean(c) for c in zip(*(getattr(m, field) for m in models)))
 
-    return replace(models[0], decode=mean("decode"), attention=mean("attention"),
-                   prefill=mean("prefill"))  # fmt: skip
+    return replace(models[0], **{field: mean(field) for field in TIMES})
 
 
 def alone(model: CostModel, competitors: float | None, cores: float) -> CostModel:
@@ -97,8 +97,7 @@ def alone(model: CostModel, competitors: float | None, cores: float) -> CostMode
     def scaled(coefficients):
         return tuple(c * speed for c in coefficients)
 
-    return replace(model, decode=scaled(model.decode), attention=scaled(model.attention),
-                   prefill=scaled(model.prefill))  # fmt: skip
+    return replace(model, **{field: scaled(getattr(model, field)) for field in TIMES})
 
 
 # What the machine does meanwhile ----------------------------------------------------------------

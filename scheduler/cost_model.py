@@ -31,16 +31,26 @@ class CostModel:
     decode layer  = decode step / num_layers                    (the window attention overlaps)
     attention     = e0 + e1 * offloaded tokens + e2 * batch     (one layer, on the executor)
     prefill       = p0 + p1 * prompt tokens + p2 * prompt tokens^2   (one prefill step)
+    offloaded step = o0 + o1 * batch   (a decode step whose rows are all offloaded)
+    exchange      = x0 + x1 * offloaded rows   (one layer, one executor, on the decode worker)
 
     A prefill's attention grows with the square of the prompt, and a short prompt's step is
     mostly fixed cost: a line fitted over 64 to 2048 tokens put a 4-token prefill at a tenth of
     its measured time. p2 may be left out (a profile of two coefficients: p2 = 0).
+
+    Both are the decode worker's own time, its executors' attention and its waits on them
+    aside. A step with local rows costs the decode step plus the exchange per layer: posting
+    q/k/v, collecting the output, the step plan. One without skips local attention, whose fixed
+    cost per layer the decode intercept holds. A profile of a GPU, or one taken before these
+    were measured, holds zeros: such a step is then costed as a decode step.
     """
 
     num_layers: int
     decode: tuple[float, float, float]
     attention: tuple[float, float, float]
     prefill: tuple[float, ...]  # (p0, p1) or (p0, p1, p2)
+    offloaded: tuple[float, float] = (0.0, 0.0)
+    exchange: tuple[float, float] = (0.0, 0.0)
     model: str = ""
     device: str = ""
 
@@ -56,6 +66,19 @@ class CostModel:
             return 0.0
         e0, e1, e2 = self.attention
         return max(0.0, e0 + e1 * offloaded_tokens + e2 * batch)
+
+    def offloaded_step_ms(self, batch: int) -> float:
+        """A decode step of `batch` rows, all offloaded (the decode step's, unmeasured)."""
+        if self.offloaded == (0.0, 0.0):
+            return self.decode_step_ms(batch, 0)
+        o0, o1 = self.offloaded
+        return max(0.0, o0 + o1 * batch)
+
+    def exchange_layer_ms(self, offloaded_rows: int) -> float:
+        if offloaded_rows == 0:
+            return 0.0
+        x0, x1 = self.exchange
+        return max(0.0, x0 + x1 * offloaded_rows)
 
     def prefill_ms(self, tokens: int) -> float:
         """One prompt of `tokens`, whole."""
@@ -87,6 +110,8 @@ class CostModel:
                 decode=_floats(data["decode"], 3),
                 attention=_floats(data["attention"], 3),
                 prefill=_floats(data["prefill"], 2, 3),
+                offloaded=_floats(data.get("offloaded", (0.0, 0.0)), 2),
+                exchange=_floats(data.get("exchange", (0.0, 0.0)), 2),
                 model=str(data.get("model", "")),
                 device=str(data.get("device", "")),
             )
@@ -149,6 +174,8 @@ def fit_cost_model(
     decode: list[tuple[int, int, float]],  # (batch, context tokens, step ms)
     attention: list[tuple[int, int, float]],  # (offloaded tokens, batch, layer ms)
     prefill: list[tuple[int, float]],  # (prompt tokens, step ms)
+    offloaded: list[tuple[int, float]] = (),  # (batch, step ms), all rows offloaded
+    exchange: list[tuple[int, float]] = (),  # (offloaded rows, layer ms)
     model: str = "",
     device: str = "",
 ) -> CostModel:
@@ -159,9 +186,17 @@ def fit_cost_model(
         prefill=fit_linear(
             [(n, n * n) for n, _ in prefill], [t for _, t in prefill], relative=True
         ),
+        offloaded=_fit_rows(offloaded),
+        exchange=_fit_rows(exchange),
         model=model,
         device=device,
     )
+
+
+def _fit_rows(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    if not samples:
+        return (0.0, 0.0)
+    return fit_linear([(n,) for n, _ in samples], [t for _, t in samples])  # type: ignore[return-value]
 
 
 # Online correction ------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """`adrenaline profile`: measures this device with the real engine pieces and fits the load-aware
 policy's cost model: decode step time against batch and context (LLMEngine), executor attention
 per layer against offloaded tokens and batch (AttentionExecutor over an offload pool), prefill
-time against prompt tokens. Writes the profile JSON that `serve`/`router --profile` read.
+time against prompt tokens, and on a CPU the decode worker's own side of offloading per layer
+against offloaded rows (server/profile_offload.py). Writes the profile JSON that `serve`/`router --profile` read.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 from dataclasses import replace
 
@@ -20,8 +20,10 @@ from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.engine import LLMEngine
 from engine.model_source import resolve_model
 from engine.sequence import SamplingParams
-from scheduler.cost_model import CostModel, fit_cost_model
+from scheduler.cost_model import CostModel, fit_cost_model, fit_linear
 from server.profile_grid import GRIDS, Grid
+from server.profile_offload import AnsweringExecutor, measure_offloading
+from server.profile_timing import timed, typical
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,27 @@ def profile(config: EngineConfig, grid: Grid) -> CostModel:
         context=tuple(c for c in grid.context if c <= limit) or (limit,),
         prompts=tuple(p for p in grid.prompts if p <= limit) or (limit,),
     )
-    engine = LLMEngine(_sized(config, grid))
+    sized = _sized(config, grid)
+    answering = None
+    if torch.device(config.device).type == "cpu":
+        answering = AnsweringExecutor(cfg, sized.batch.max_num_seqs, config.dtype)
+    engine = LLMEngine(sized, remote=answering)
     started = time.perf_counter()
-    decode = measure_decode(engine, grid)
-    prefill = measure_prefill(engine, grid)
-    attention = measure_attention(config, cfg, grid)
+    try:
+        decode = measure_decode(engine, grid)
+        prefill = measure_prefill(engine, grid)
+        attention = measure_attention(config, cfg, grid)
+        offloaded, exchange = [], []
+        if answering is not None:
+            per_token = fit_linear([(b, c) for b, c, _ in decode], [t for *_, t in decode])[2]
+            offloaded, exchange = measure_offloading(engine, answering, grid.batches,
+                                                     grid.context[0], grid.steps, per_token)  # fmt: skip
+    finally:
+        if answering is not None:
+            answering.close()
     log.info("profiled in %.1f s", time.perf_counter() - started)
-    return fit_cost_model(
-        cfg.num_layers, decode, attention, prefill, model=config.model, device=config.device
-    )
+    return fit_cost_model(cfg.num_layers, decode, attention, prefill, offloaded, exchange,
+                          model=config.model, device=config.device)  # fmt: skip
 
 
 def _sized(config: EngineConfig, grid: Grid) -> EngineConfig:
@@ -70,17 +84,6 @@ def _sized(config: EngineConfig, grid: Grid) -> EngineConfig:
             max_num_batched_tokens=max(config.batch.max_num_batched_tokens, most),
         ),
     )
-
-
-def _timed(fn, device: torch.device) -> float:
-    """Milliseconds one call takes."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - started) * 1000
 
 
 def measure_decode(engine: LLMEngine, grid: Grid) -> list[tuple[int, int, float]]:
@@ -108,11 +111,11 @@ def _decode_point(
     while any(engine.requests[i].num_computed_tokens < context for i in ids):
         engine.step()
     engine.step()  # one untimed decode step: allocations settle
-    times = [_timed(engine.step, engine.runner.device) for _ in range(steps)]
+    times = [timed(engine.step, engine.runner.device) for _ in range(steps)]
     for request_id in ids:
         engine.abort(request_id)
     # Context is the KV read per step, at the middle of the timed steps.
-    return batch, batch * (context + 1 + steps // 2), _typical(times)
+    return batch, batch * (context + 1 + steps // 2), typical(times)
 
 
 def measure_prefill(engine: LLMEngine, grid: Grid) -> list[tuple[int, float]]:
@@ -126,11 +129,11 @@ def measure_prefill(engine: LLMEngine, grid: Grid) -> list[tuple[int, float]]:
         for rep in range(1 + max(2, grid.steps // 2)):
             prompt = torch.randint(0, vocab, (tokens,), generator=gen).tolist()
             engine.add_request(f"p{tokens}-{rep}", prompt, params)
-            elapsed = _timed(engine.step, device)
+            elapsed = timed(engine.step, device)
             engine.abort(f"p{tokens}-{rep}")
             if rep:  # the first of each size is a warm-up
                 times.append(elapsed)
-        samples.append((tokens, _typical(times)))
+        samples.append((tokens, typical(times)))
     return samples
 
 
@@ -165,18 +168,8 @@ def measure_attention(
                 executor.attend(0, step, q, k, k)
 
             attend()
-            times = [_timed(attend, device) for _ in range(grid.steps)]
-            samples.append((batch * (context + 1), batch, _typical(times)))
+            times = [timed(attend, device) for _ in range(grid.steps)]
+            samples.append((batch * (context + 1), batch, typical(times)))
             for request_id in ids:
                 executor.release(request_id)
     return samples
-
-
-def _typical(values: list[float]) -> float:
-    """The mean, without samples over twice the median: a worker pays a step's usual spread
-    (allocator, garbage collection, cache misses) on every step, so the lower end alone would
-    be optimistic; a sample that long is another process's doing, which the simulator adds
-    from its own count of them (--sim-cpu-competitors)."""
-    median = statistics.median(values)
-    kept = [v for v in values if v <= 2 * median]
-    return sum(kept) / len(kept)

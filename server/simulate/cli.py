@@ -62,7 +62,8 @@ assumptions (defaults; README.md, 'Simulate a deployment', gives each its source
               runs 1 / (1 - 0.2) = 1.25x slower while its executor holds requests
               (--sim-prefill-slowdown: the SMs it gives up)
   sync        per layer, decode worker <-> executor hand-over: 10 us on GPU (GPU-signalled),
-              150 us on CPU (shared-memory channel) (--sim-sync-us)
+              300 us on CPU (shared-memory channel beside the server's other processes,
+              fitted to the real decode worker's layer wait) (--sim-sync-us)
   host        GPU step: 0.3 ms + 6 us a row not hidden (--sim-step-overhead-ms); a control
               message 0.1 ms (--sim-hop-ms); HTTP 0.5 ms each way (--sim-http-ms)
   CPU         with --profile every role shares the cores (--sim-cpu-cores, less
@@ -137,7 +138,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
         "--sim-sync-us",
         type=float,
         default=None,
-        help="per layer, the decode-executor hand-over (default: GPU 10, CPU 150)",
+        help="per layer, the decode-executor hand-over (default: GPU 10, CPU 300)",
     )
     g.add_argument(
         "--sim-step-overhead-ms",

@@ -232,7 +232,11 @@ class ProfileStepCost:
                 executor_ms[executor] = self.executor_attention_ms(n, n * longest if padded else kv)
                 remote = max(remote, executor_ms[executor] + self.sync_ms)
             wait = max(0.0, remote - local_attention)
-            total += m.decode_step_ms(rows, local_kv) + layers * wait
+            exchange = [m.exchange_layer_ms(n) for n, *_ in work.remote.values()]
+            if work.local_rows:
+                total += m.decode_step_ms(rows, local_kv) + layers * (wait + sum(exchange))
+            else:  # no local attention at all; the profile timed one executor's exchange
+                total += m.offloaded_step_ms(rows) + layers * (wait + sum(exchange[1:]))
         return StepTime(ms=total, layer_wait_ms=wait, executor_ms=executor_ms)
 
     def decode_steps(self, work: StepWork, steps: int) -> list[float]:

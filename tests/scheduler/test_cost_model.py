@@ -100,6 +100,29 @@ def test_profile_json_round_trip(tmp_path):
         CostModel.load(tmp_path / "missing.json")
 
 
+def test_a_profile_without_offloading_measured_costs_an_offloaded_step_as_a_decode_step(
+    tmp_path,
+):
+    path = tmp_path / "profile.json"
+    measured = CostModel(4, MODEL.decode, MODEL.attention, MODEL.prefill, offloaded=(1.5, 0.04),
+                         exchange=(0.03, 0.001))  # fmt: skip
+    measured.save(path)
+    assert CostModel.load(path) == measured
+    assert measured.offloaded_step_ms(10) == pytest.approx(1.5 + 0.4)
+    assert measured.exchange_layer_ms(10) == pytest.approx(0.04)
+    assert measured.exchange_layer_ms(0) == 0.0  # no offloaded row: no exchange
+    data = json.loads(path.read_text())
+    del data["offloaded"], data["exchange"]  # as profiles written before them
+    path.write_text(json.dumps(data))
+    older = CostModel.load(path)
+    assert (older.offloaded, older.exchange) == ((0.0, 0.0), (0.0, 0.0))
+    assert older.offloaded_step_ms(10) == older.decode_step_ms(10, 0)
+    for bad in ([1.0], 3, [1.0, "x"]):
+        path.write_text(json.dumps({**data, "exchange": bad}))
+        with pytest.raises(ProfileError, match="malformed"):
+            CostModel.load(path)
+
+
 def test_builtin_profile_loads_and_predicts_positive_times():
     model = builtin_profile()
     assert model.num_layers > 0

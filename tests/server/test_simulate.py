@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -208,6 +209,31 @@ def test_profile_cost_adds_the_executor_wait_per_layer():
                                remote={"attention-0": [5, 3600, 900]}))  # fmt: skip
     wait = (0.2 + 0.0001 * 3600 + 0.1) - 0.001 * 400 / 4
     assert split.ms == pytest.approx(1.0 + 0.1 * 10 + 0.001 * 400 + 4 * wait)
+
+
+def test_profile_cost_of_offloading_the_decode_worker_itself_pays():
+    """With the profile's offloading measured: a step with local rows pays the exchange per
+    layer and executor beside the decode step; one without local rows is the offloaded step's
+    line (no local attention), plus the exchange of any executor past the first."""
+    model = CostModel(num_layers=4, decode=(1.0, 0.1, 0.001), attention=(0.2, 0.0001, 0.0),
+                      prefill=(2.0, 0.01), offloaded=(0.6, 0.05), exchange=(0.03, 0.002))  # fmt: skip
+    cost = ProfileStepCost(model, ModelShape.of(model_config("tiny"), 4), sync_ms=0.1)
+    wait = 0.2 + 0.0001 * 3600 + 0.1  # no local attention to hide behind
+    split = cost.step(StepWork(tokens=10, sampled=10, local_rows=5, local_kv=400,
+                               remote={"attention-0": [5, 3600, 900]}))  # fmt: skip
+    local_wait = wait - 0.001 * 400 / 4
+    exchange = 0.03 + 0.002 * 5
+    assert split.ms == pytest.approx(1.0 + 0.1 * 10 + 0.001 * 400 + 4 * (local_wait + exchange))
+    alone = cost.step(StepWork(tokens=5, sampled=5, remote={"attention-0": [5, 3600, 900]}))
+    assert alone.ms == pytest.approx(0.6 + 0.05 * 5 + 4 * wait)
+    two = cost.step(StepWork(tokens=8, sampled=8, remote={"attention-0": [5, 3600, 900],
+                                                           "attention-1": [3, 300, 100]}))  # fmt: skip
+    assert two.ms == pytest.approx(0.6 + 0.05 * 8 + 4 * (wait + 0.03 + 0.002 * 3))
+    # A profile without these measurements costs such a step as a decode step, as before.
+    old = ProfileStepCost(replace(model, offloaded=(0.0, 0.0), exchange=(0.0, 0.0)),
+                          ModelShape.of(model_config("tiny"), 4), sync_ms=0.1)  # fmt: skip
+    no_local = StepWork(tokens=5, sampled=5, remote={"attention-0": [5, 3600, 900]})
+    assert old.step(no_local).ms == pytest.approx(1.0 + 0.1 * 5 + 4 * wait)
 
 
 def test_a_steps_work_counts_each_rows_kv_and_the_longest():
