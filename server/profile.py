@@ -1,8 +1,9 @@
 """`adrenaline profile`: measures this device with the real engine pieces and fits the load-aware
 policy's cost model: decode step time against batch and context (LLMEngine), executor attention
 per layer against offloaded tokens and batch (AttentionExecutor over an offload pool), prefill
-time against prompt tokens, and on a CPU the decode worker's own side of offloading per layer
-against offloaded rows (server/profile_offload.py). Writes the profile JSON that `serve`/`router --profile` read.
+time against prompt tokens, and on a CPU the decode worker's own side of offloading against
+offloaded rows (server/profile_offload.py). Writes the profile JSON that `serve`/`router
+--profile` read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from engine.sequence import SamplingParams
 from scheduler.cost_model import CostModel, fit_cost_model, fit_linear
 from server.profile_grid import GRIDS, Grid
 from server.profile_offload import AnsweringExecutor, measure_offloading
-from server.profile_timing import timed, typical
+from server.profile_timing import decode_step_ms, timed, typical
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +102,9 @@ def measure_decode(engine: LLMEngine, grid: Grid) -> list[tuple[int, int, float]
 def _decode_point(
     engine: LLMEngine, tag: str, batch: int, context: int, steps: int, gen: torch.Generator
 ) -> tuple[int, int, float]:
-    vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=1 << 20, temperature=0, ignore_eos=True)
-    ids = [f"{tag}-{i}" for i in range(batch)]
-    for request_id in ids:
-        engine.add_request(
-            request_id, torch.randint(0, vocab, (context,), generator=gen).tolist(), params
-        )
-    while any(engine.requests[i].num_computed_tokens < context for i in ids):
-        engine.step()
-    engine.step()  # one untimed decode step: allocations settle
-    times = [timed(engine.step, engine.runner.device) for _ in range(steps)]
-    for request_id in ids:
-        engine.abort(request_id)
+    ms = decode_step_ms(engine, tag, batch, 0, context, steps, gen)
     # Context is the KV read per step, at the middle of the timed steps.
-    return batch, batch * (context + 1 + steps // 2), typical(times)
+    return batch, batch * (context + 1 + steps // 2), ms
 
 
 def measure_prefill(engine: LLMEngine, grid: Grid) -> list[tuple[int, float]]:

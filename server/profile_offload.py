@@ -16,12 +16,12 @@ import torch
 import zmq
 
 from engine.config import ModelConfig, parse_dtype
-from engine.engine import Handoff, LLMEngine
-from engine.sequence import SamplingParams
-from server.profile_timing import timed, typical
+from engine.engine import LLMEngine
+from server.profile_timing import decode_step_ms
 from server.roles.offload_client import LAYER_TIMEOUT_S, OffloadClient, OffloadStep
 from transport.attention_protocol import ExecutorSide
 from transport.host_signal_channel import HostSignals
+from transport.security import set_frame_limit
 
 EXECUTOR = "profile-executor"
 
@@ -32,9 +32,8 @@ class AnsweringStep:
     def __init__(self, inner: OffloadStep, link: ExecutorSide, rows: int, owner) -> None:
         self.inner, self.link, self.owner = inner, link, owner
         self.num_local_tokens = inner.num_local_tokens
-        first = inner.step_id * inner.num_layers + 1
-        self.first_seq_no = first
-        link.begin_step(inner.step_id, rows, first)
+        self.first_seq_no = inner.step_id * inner.num_layers + 1
+        link.begin_step(inner.step_id, rows, self.first_seq_no)
 
     def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.inner.send(layer, q, k, v)
@@ -62,12 +61,14 @@ class AnsweringExecutor:
         # The plans go to a socket nobody reads but this process, drained after each step.
         self.sink = self.client.ctx.socket(zmq.ROUTER)
         self.sink.setsockopt(zmq.LINGER, 0)
+        set_frame_limit(self.sink)  # whatever else connects to it is read and dropped
         port = self.sink.bind_to_random_port("tcp://127.0.0.1")
         self.client.connect(EXECUTOR, f"tcp://127.0.0.1:{port}")
         # The executor end over the decode end's own mapping: a second mapping of the segment
         # in this process would confuse its resource tracker (which unlinks what it created).
         region = self.client.executors[EXECUTOR].link.region
         self.link = ExecutorSide(HostSignals(region.counters), region.tensors, max_rows)
+        self.executor = EXECUTOR
         self.executor_s = 0.0  # the executor end's time, which is not the decode worker's
 
     def begin_step(self, num_local_tokens, groups, graphed: bool = False) -> AnsweringStep:
@@ -103,38 +104,10 @@ def measure_offloading(
     offloaded, exchange = [], []
     for n, rows in enumerate([batches[0], *batches]):  # the first point warms up
         all_local, mixed, remote = (
-            _decode_steps(engine, f"{tag}{n}", local, remote, context, steps, answering, gen)
+            decode_step_ms(engine, f"{tag}{n}", local, remote, context, steps, gen, answering)
             for tag, local, remote in (("xl", 1 + rows, 0), ("xm", 1, rows), ("xo", 0, rows))
         )
         offloaded.append((rows, remote))
         skipped = local_attention_ms_per_token * rows * kv_per_row
         exchange.append((rows, max(0.0, (mixed - all_local + skipped) / layers)))
     return offloaded[1:], exchange[1:]
-
-
-def _decode_steps(engine, tag, local, remote, context, steps, answering, gen) -> float:
-    """Typical ms of a decode step of `local` + `remote` requests at `context`, the remote
-    ones offloaded to `answering`, less its executor end's time."""
-    vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=1 << 20, temperature=0, ignore_eos=True)
-    ids = [f"{tag}-{i}" for i in range(local + remote)]
-    for i, request_id in enumerate(ids):
-        prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-        if i < local:
-            engine.add_request(request_id, prompt, params)
-        else:  # as a prefill worker hands it over: the prompt's KV and one sampled token
-            engine.start_offloaded(request_id, Handoff(prompt, prompt[-1:], None, params, 0),
-                                   EXECUTOR)  # fmt: skip
-    while any(engine.requests[i].num_computed_tokens < context for i in ids):
-        engine.step()
-    engine.step()  # one untimed step: allocations settle
-    times = []
-    for _ in range(steps):
-        executor_s = answering.executor_s
-        ms = timed(engine.step, engine.runner.device)
-        times.append(ms - (answering.executor_s - executor_s) * 1000)
-        answering.drain()
-    for request_id in ids:
-        engine.abort(request_id)
-    answering.drain()
-    return typical(times)

@@ -190,7 +190,8 @@ class GpuStepCost:
 class ProfileStepCost:
     """Step times from `adrenaline profile`'s fitted model of this machine (milliseconds):
     decode step a + b * rows + c * local KV tokens; prefill p0 + p1 * tokens; executor attention
-    per layer e0 + e1 * KV tokens + e2 * rows.
+    per layer e0 + e1 * KV tokens + e2 * rows; with offloaded rows, the decode worker's exchange
+    per layer and executor, or with no local row the offloaded step's own line (CostModel).
 
     With `padded_attention` (a CPU profile: the torch backend), decode attention reads every
     row's keys padded to the longest row's (attention/torch_backend.py), so the KV tokens it

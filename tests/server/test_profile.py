@@ -52,3 +52,41 @@ def test_offloaded_steps_are_timed_through_the_real_client_and_link(adrenaline_c
     assert [n for n, _ in offloaded] == [1, 4] and [n for n, _ in exchange] == [1, 4]
     assert all(ms > 0 for _, ms in offloaded) and all(ms >= 0 for _, ms in exchange)
     assert not engine.requests and engine.block_manager.num_free_blocks == free
+
+
+def test_the_profiles_plan_sink_drops_whatever_else_connects(adrenaline_cache):
+    """The socket the profile's step plans go to is open on loopback while it runs: frames of
+    any count, size or content from another peer are dropped, and the link still answers."""
+    import time
+
+    import torch
+    import zmq
+
+    from engine.config import ModelConfig
+    from engine.model_source import resolve_model
+    from server.profile_offload import AnsweringExecutor
+    from transport.security import MAX_FRAME_BYTES
+
+    cfg = ModelConfig.from_model_dir(resolve_model("tiny"))
+    answering = AnsweringExecutor(cfg, 8, "float32")
+    peer = answering.client.ctx.socket(zmq.DEALER)
+    try:
+        peer.connect(answering.sink.getsockopt(zmq.LAST_ENDPOINT).decode())
+        peer.send_multipart([b"\xc1", b"", (1 << 65).to_bytes(9, "big"), b"nan"])
+        peer.send(b"\0" * 16)
+        time.sleep(0.2)
+        answering.drain()
+        assert not answering.sink.poll(0)
+        peer.send(b"\0" * (MAX_FRAME_BYTES + 1))  # over the limit: the peer is dropped
+        time.sleep(0.2)
+        answering.drain()
+        assert not answering.sink.poll(0)
+        step = answering.begin_step(0, [("profile-executor", [("r", 0)])])
+        shape = (1, cfg.num_heads, cfg.head_dim)
+        q = torch.full(shape, 2.0)
+        k = torch.zeros(1, cfg.num_kv_heads, cfg.head_dim)
+        step.send(0, q, k, k)
+        assert torch.equal(step.receive(0), q)  # the in-thread executor end answers with q
+    finally:
+        peer.close(0)
+        answering.close()
